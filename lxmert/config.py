@@ -1,0 +1,313 @@
+"""Experiment configuration: typed dataclasses loaded from YAML, with command-line overrides.
+
+Every field carries its own help text and, where it matters, a range check, so a wrong value
+stops the run before anything is written, with an error that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and key."""
+
+
+def _f(default: Any, help: str, check: Optional[Callable[[Any], bool]] = None, rule: str = "") -> Any:
+    """A dataclass field with help text and an optional validity check."""
+    meta = {"help": help, "check": check, "rule": rule}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0.0 <= v < 1.0
+
+
+def _all_fractions(v: Any) -> bool:
+    return all(0.0 <= x < 1.0 for x in v)
+
+
+@dataclass
+class EmbeddedConfig:
+    """Parameters of the synthetic benchmark the project generates itself."""
+
+    seed: int = _f(1234, "seed of the generator; the same seed writes byte-identical files")
+    train_questions: int = _f(6000, "IID training questions", _positive, "> 0")
+    valid_questions: int = _f(1000, "IID validation (minival) questions", _positive, "> 0")
+    test_questions: int = _f(1000, "IID test questions", _positive, "> 0")
+    cp_train_questions: int = _f(6000, "changing-priors training questions", _positive, "> 0")
+    cp_valid_questions: int = _f(1000, "changing-priors validation questions (train priors)", _positive, "> 0")
+    cp_test_questions: int = _f(1500, "changing-priors test questions (shifted priors)", _positive, "> 0")
+    questions_per_image: int = _f(3, "questions asked about each generated image", _positive, "> 0")
+    num_regions: int = _f(12, "regions per image (objects + background), like detector boxes", _positive, "> 0")
+    feat_dim: int = _f(64, "dimension D of each region feature", _positive, "> 0")
+    min_objects: int = _f(3, "fewest objects in a scene", _positive, "> 0")
+    max_objects: int = _f(6, "most objects in a scene", _positive, "> 0")
+    feature_noise: float = _f(0.3, "std of the Gaussian noise added to region features", _non_negative, ">= 0")
+    annotator_accuracy: float = _f(0.85, "probability that a simulated annotator gives the true answer",
+                                   lambda v: 0 < v <= 1, "in (0, 1]")
+    cp_skew: float = _f(0.9, "share of a question type's answers drawn from its 'train' half in the "
+                        "changing-priors train split (and from the other half at test)",
+                        lambda v: 0.5 <= v < 1, "in [0.5, 1)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("embedded", "'embedded' (generated on first use) or 'prepared' (question JSON + "
+                      "feature store made by the data/ scripts)", lambda v: v in ("embedded", "prepared"),
+                      "one of embedded, prepared")
+    root: str = _f("data/embedded", "folder with the question JSON files, answer vocab and feature store")
+    features: str = _f("features", "feature store folder, relative to root unless absolute")
+    train: list = _f(["train"], "question files (names without .json) used for training")
+    valid: str = _f("minival", "question file used for model selection (never a test split)")
+    test: list = _f(["test"], "question files evaluated with the selected model")
+    ans2label: str = _f("trainval_ans2label.json", "answer vocabulary file in root")
+    max_seq_length: int = _f(20, "question tokens, [CLS] and [SEP] included", _positive, "> 0")
+    num_workers: int = _f(0, "DataLoader worker processes (they share the memory-mapped store)",
+                          _non_negative, ">= 0")
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig,
+                                     metadata={"help": "synthetic benchmark parameters"})
+
+
+@dataclass
+class ModelConfig:
+    family: str = _f("lxmert", "'lxmert' or 'visualbert'", lambda v: v in ("lxmert", "visualbert"),
+                     "one of lxmert, visualbert")
+    pretrained: Optional[str] = _f(None, "hub id or local folder with pretrained encoder weights; "
+                                   "null for random initialisation")
+    tokenizer: Optional[str] = _f(None, "hub id or folder of a BERT tokenizer; null uses the "
+                                  "dataset's own (root/tokenizer)")
+    hidden_size: int = _f(128, "hidden size (base: 768)", _positive, "> 0")
+    num_attention_heads: int = _f(4, "attention heads (base: 12)", _positive, "> 0")
+    intermediate_size: int = _f(256, "feed-forward size (base: 3072)", _positive, "> 0")
+    l_layers: int = _f(2, "language layers (base: 9)", _positive, "> 0")
+    x_layers: int = _f(2, "cross-modality layers (base: 5)", _positive, "> 0")
+    r_layers: int = _f(2, "vision (relation) layers (base: 5)", _positive, "> 0")
+    num_hidden_layers: int = _f(4, "VisualBERT layers (base: 12)", _positive, "> 0")
+    dropout: float = _f(0.1, "dropout of the encoder and head", _fraction, "in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(4, "training epochs", _positive, "> 0")
+    batch_size: int = _f(32, "global batch size (split over ranks under torchrun)", _positive, "> 0")
+    grad_accum: int = _f(1, "gradient accumulation steps per optimizer step", _positive, "> 0")
+    lr: float = _f(5e-5, "peak learning rate of AdamW", _positive, "> 0")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and LayerNorms)", _non_negative, ">= 0")
+    warmup: float = _f(0.1, "fraction of steps with linear warmup, then linear decay", _fraction, "in [0, 1)")
+    clip: float = _f(5.0, "gradient-norm clip; 0 disables", _non_negative, ">= 0")
+    loss: str = _f("bce", "loss: bce, lmh or lpf", lambda v: v in ("bce", "lmh", "lpf"), "one of bce, lmh, lpf")
+    precision: str = _f("bf16", "autocast on CUDA: fp32, bf16 or fp16 (CPU always runs fp32)",
+                        lambda v: v in ("fp32", "bf16", "fp16"), "one of fp32, bf16, fp16")
+    compile: bool = _f(False, "torch.compile the model (CUDA)")
+    eval_batch_size: int = _f(256, "batch size of evaluation", _positive, "> 0")
+    save_every_steps: int = _f(0, "also checkpoint every N optimizer steps (0: only at epoch ends)",
+                               _non_negative, ">= 0")
+
+
+@dataclass
+class LotteryConfig:
+    modes: list = _f(["low_magnitude", "random", "high_magnitude"], "pruning modes to run",
+                     lambda v: len(v) > 0 and all(m in ("low_magnitude", "random", "high_magnitude") for m in v),
+                     "a non-empty list of low_magnitude, random, high_magnitude")
+    levels: list = _f([0.2, 0.4, 0.6, 0.8], "target sparsities (fractions of the prunable weights)",
+                      lambda v: len(v) > 0 and _all_fractions(v) and list(v) == sorted(v),
+                      "an increasing non-empty list of values in [0, 1)")
+    schedule: str = _f("iterative", "'iterative' (IMP: each level from the last) or 'oneshot' (each level "
+                       "from the dense model)", lambda v: v in ("iterative", "oneshot"),
+                       "one of iterative, oneshot")
+    scope: str = _f("global", "'global' threshold over all prunable weights or 'layer' (each tensor alone)",
+                    lambda v: v in ("global", "layer"), "one of global, layer")
+    rewind_steps: int = _f(0, "rewind point: 0 = weights before fine-tuning, k = after k dense steps",
+                           _non_negative, ">= 0")
+    include_embeddings: bool = _f(False, "also prune the word embeddings")
+    include_head: bool = _f(False, "also prune the Linear weights of the QA head")
+
+
+@dataclass
+class DebiasConfig:
+    stage1_losses: list = _f(["bce", "lmh", "lpf"], "losses of the full fine-tune (stage 1)",
+                             lambda v: len(v) > 0 and all(x in ("bce", "lmh", "lpf") for x in v),
+                             "a non-empty list of bce, lmh, lpf")
+    stage2_losses: list = _f(["bce", "lpf"], "losses of mask training (stage 2)",
+                             lambda v: len(v) > 0 and all(x in ("bce", "lmh", "lpf") for x in v),
+                             "a non-empty list of bce, lmh, lpf")
+    sparsities: list = _f([0.5], "uniform target sparsities of mask training", _all_fractions,
+                          "values in [0, 1)")
+    modality_sparsities: list = _f([], "extra settings as [language, vision, cross, pooler] sparsities",
+                                   lambda v: all(len(x) == 4 and _all_fractions(x) for x in v),
+                                   "a list of 4-value lists, each value in [0, 1)")
+    stage3: bool = _f(True, "also fine-tune each pruned model with its mask fixed")
+    stage2_epochs: int = _f(4, "mask-training epochs", _positive, "> 0")
+    stage2_lr: float = _f(1e-2, "learning rate of the mask scores", _positive, "> 0")
+    stage3_epochs: int = _f(2, "epochs of stage 3", _positive, "> 0")
+    reset_every: int = _f(100, "steps between the per-tensor top-k resets of the scores", _positive, "> 0")
+    lmh_entropy: float = _f(0.36, "weight of the LMH entropy penalty", _non_negative, ">= 0")
+    lpf_gamma: float = _f(5.0, "LPF focusing exponent", _non_negative, ">= 0")
+    lottery_baseline: bool = _f(True, "also report lottery-ticket (low-magnitude) masks at the same sparsities")
+
+
+@dataclass
+class Config:
+    experiment: str = _f("embedded", "name; outputs go to models/<name>, logs/<name>.log, result/<name>")
+    seeds: list = _f([0], "seeds; each controls data order, initialisation and random pruning",
+                     lambda v: len(v) > 0 and all(isinstance(s, int) for s in v), "a non-empty list of ints")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "fine-tuning"})
+    lottery: LotteryConfig = field(default_factory=LotteryConfig, metadata={"help": "lottery tickets"})
+    debias: DebiasConfig = field(default_factory=DebiasConfig, metadata={"help": "compress and debias"})
+    blind_epochs: int = _f(8, "epochs of the question-only baseline", _positive, "> 0")
+
+    @property
+    def model_dir(self) -> Path:
+        return Path("models") / self.experiment
+
+    @property
+    def result_dir(self) -> Path:
+        return Path("result") / self.experiment
+
+    @property
+    def log_path(self) -> Path:
+        return Path("logs") / f"{self.experiment}.log"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (list, dict, str, bool):
+        return isinstance(value, tp)
+    return True
+
+
+def _build(cls: type, values: dict, where: str, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{where}{key}' (known here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in values:
+            continue
+        value, tp, key = values[name], hints[name], f"{where}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".", source)
+            continue
+        if not _type_ok(value, tp):
+            want = getattr(tp, "__name__", str(tp))
+            raise ConfigError(f"{source}: key '{key}' must be {want}, got {value!r}")
+        if tp is float and isinstance(value, int):
+            value = float(value)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"{source}: key '{key}' = {value!r} is out of range: must be {f.metadata['rule']}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ['train.epochs=2', 'seeds=[0,1]'] into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML experiment file, apply `key=value` overrides, validate everything."""
+    values: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        values = _merge(values, parse_overrides(overrides))
+        source += " + overrides"
+    config = _build(Config, values, "", source)
+    _cross_checks(config, source)
+    return config
+
+
+def _cross_checks(config: Config, source: str) -> None:
+    emb = config.data.embedded
+    if emb.min_objects > emb.max_objects:
+        raise ConfigError(f"{source}: key 'data.embedded.min_objects' ({emb.min_objects}) exceeds "
+                          f"'data.embedded.max_objects' ({emb.max_objects})")
+    if emb.max_objects > emb.num_regions:
+        raise ConfigError(f"{source}: key 'data.embedded.max_objects' ({emb.max_objects}) exceeds "
+                          f"'data.embedded.num_regions' ({emb.num_regions})")
+    if config.model.hidden_size % config.model.num_attention_heads:
+        raise ConfigError(f"{source}: key 'model.hidden_size' ({config.model.hidden_size}) must be a "
+                          f"multiple of 'model.num_attention_heads' ({config.model.num_attention_heads})")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"{source}: key 'seeds' has repeated values: {config.seeds}")
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per key with its default and help text (for `python -m lxmert config --help`)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,99 @@
+"""Crash-safe writing and safe reading.
+
+Every file the project writes goes to a temporary name in the same folder and is renamed into place,
+so a reader (or a resumed run) never sees half a file. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class InputError(ValueError):
+    """Bad input (file, field or key); the message names it."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it over `path`, else remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"no space left on device while writing {path}") from None
+        raise
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Read JSON; a missing, truncated or malformed file is one clear error naming it."""
+    path = Path(path)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"weights not found: {path}")
+    return load_file(str(path), device=device)
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Save a training state (tensors, numbers, strings, containers only) for weights_only loading."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
+    """Atomically write `path` with a function that writes to the temporary path it is given."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
