@@ -1,0 +1,148 @@
+"""The VQA model: a transformers encoder (LXMERT or VisualBERT) plus LXMERT's answer head.
+
+Also defines the prunable set: which weight tensors pruning and mask training act on, and the
+modality (language / vision / cross / pooler / head) each belongs to.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+MODALITIES = ("language", "vision", "cross", "pooler", "head")
+
+
+def answer_head(hidden: int, num_answers: int) -> nn.Sequential:
+    """LXMERT's VQA head: Linear(h, 2h) - GeLU - LayerNorm - Linear(2h, answers)."""
+    head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.LayerNorm(2 * hidden, eps=1e-12),
+                         nn.Linear(2 * hidden, num_answers))
+    for layer in (head[0], head[3]):
+        nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(layer.bias)
+    return head
+
+
+class VQAModel(nn.Module):
+    """Encoder + answer head. forward(batch) returns (logits [B, A], pooled output [B, h])."""
+
+    def __init__(self, encoder: nn.Module, family: str, num_answers: int):
+        super().__init__()
+        self.family = family
+        self.encoder = encoder
+        self.head = answer_head(encoder.config.hidden_size, num_answers)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.family == "lxmert":
+            out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               visual_feats=batch["visual_feats"], visual_pos=batch["visual_pos"])
+            pooled = out.pooled_output
+        else:
+            feats = batch["visual_feats"]
+            out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               visual_embeds=feats,
+                               visual_attention_mask=torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device),
+                               visual_token_type_ids=torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device))
+            pooled = out.pooler_output
+        return self.head(pooled), pooled
+
+
+def _lxmert_encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
+    from transformers import LxmertConfig, LxmertModel
+
+    if cfg.pretrained:
+        encoder = LxmertModel.from_pretrained(cfg.pretrained)
+        log.info("loaded pretrained LXMERT encoder from %s", cfg.pretrained)
+        return encoder
+    config = LxmertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+                          num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+                          l_layers=cfg.l_layers, x_layers=cfg.x_layers, r_layers=cfg.r_layers,
+                          visual_feat_dim=feat_dim, visual_pos_dim=4, hidden_dropout_prob=cfg.dropout,
+                          attention_probs_dropout_prob=cfg.dropout)
+    log.info("no pretrained weights configured (model.pretrained is null): LXMERT encoder randomly initialised")
+    return LxmertModel(config)
+
+
+def _visualbert_encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
+    from transformers import VisualBertConfig, VisualBertModel
+
+    if cfg.pretrained:
+        encoder = VisualBertModel.from_pretrained(cfg.pretrained)
+        log.info("loaded pretrained VisualBERT encoder from %s", cfg.pretrained)
+        return encoder
+    config = VisualBertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+                              num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+                              num_hidden_layers=cfg.num_hidden_layers, visual_embedding_dim=feat_dim,
+                              hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    log.info("no pretrained weights configured (model.pretrained is null): VisualBERT encoder randomly initialised")
+    return VisualBertModel(config)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: int) -> VQAModel:
+    """Build the model; call under a seeded RNG so initialisation is reproducible."""
+    make = _lxmert_encoder if cfg.family == "lxmert" else _visualbert_encoder
+    model = VQAModel(make(cfg, vocab_size, feat_dim), cfg.family, num_answers)
+    if cfg.pretrained:
+        expected = model.encoder.config.visual_feat_dim if cfg.family == "lxmert" else \
+            model.encoder.config.visual_embedding_dim
+        if expected != feat_dim:
+            raise ValueError(f"pretrained model {cfg.pretrained} expects {expected}-d region features, "
+                             f"the feature store has {feat_dim}")
+    return model
+
+
+@dataclass(frozen=True)
+class PrunableTensor:
+    name: str
+    modality: str
+
+
+def _modality(family: str, name: str) -> Optional[str]:
+    """Modality of a Linear weight by its parameter name, or None when it is not prunable by default."""
+    if name.startswith("head."):
+        return "head"
+    if family == "lxmert":
+        if name.startswith("encoder.encoder.layer."):
+            return "language"
+        if name.startswith(("encoder.encoder.r_layers.", "encoder.encoder.visn_fc.")):
+            return "vision"
+        if name.startswith("encoder.encoder.x_layers."):
+            return "cross"
+        if name.startswith("encoder.pooler."):
+            return "pooler"
+        return None
+    if name.startswith("encoder.embeddings.visual_projection."):
+        return "vision"
+    if name.startswith("encoder.encoder.layer."):
+        return "cross"
+    if name.startswith("encoder.pooler."):
+        return "pooler"
+    return None
+
+
+def prunable_tensors(model: VQAModel, include_embeddings: bool = False, include_head: bool = False
+                     ) -> list[PrunableTensor]:
+    """The prunable set: weight matrices of every Linear layer of the encoders (language, vision incl.
+    the visual feature/box projection, cross-modality) and the pooler; optionally the word embeddings
+    (language) and the head's Linear weights. Never biases, LayerNorms or position embeddings."""
+    out = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        name = f"{module_name}.weight"
+        modality = _modality(model.family, name)
+        if modality is None or (modality == "head" and not include_head):
+            continue
+        out.append(PrunableTensor(name, modality))
+    if include_embeddings:
+        out.insert(0, PrunableTensor("encoder.embeddings.word_embeddings.weight", "language"))
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
