@@ -94,15 +94,15 @@ def _templates() -> list[Template]:
     counts = [str(i) for i in range(MAX_COUNT + 1)]
 
     def there_answer(sc, p):
-        return "yes" if np.any((sc.shape == p[1]) & (sc.color == p[0])) else "no"
+        return "yes" if np.any(sc.shape == p[0]) else "no"
 
     def there_plant(sc, ans, rng):
+        s = int(rng.integers(S))
         if ans == "yes":
-            i, c, s = int(rng.integers(len(sc))), int(rng.integers(C)), int(rng.integers(S))
-            sc.shape[i], sc.color[i] = s, c
-            return (c, s)
-        absent = [(c, s) for c in range(C) for s in range(S) if not np.any((sc.shape == s) & (sc.color == c))]
-        return absent[int(rng.integers(len(absent)))]
+            sc.shape[int(rng.integers(len(sc)))] = s
+        else:
+            _make_unique(sc, rng, -1, "shape", s, S)
+        return (s,)
 
     def left_answer(sc, p):
         i = _unique(sc.shape, p[0])
@@ -163,7 +163,7 @@ def _templates() -> list[Template]:
         return plant
 
     return [
-        Template("is there a", "yes/no", yes_no, lambda p: f"is there a {COLORS[p[0]]} {SHAPES[p[1]]}?",
+        Template("is there a", "yes/no", yes_no, lambda p: f"is there a {SHAPES[p[0]]}?",
                  there_answer, there_plant),
         Template("is the", "yes/no", yes_no, lambda p: f"is the {SHAPES[p[0]]} on the left side?",
                  left_answer, left_plant),
@@ -234,7 +234,7 @@ class Generator:
 
     def annotate(self, truth: str, t: Template, rng: np.random.Generator) -> dict[str, float]:
         """Soft label from ten simulated annotators; a wrong one picks another answer of the type."""
-        p = float(np.clip(rng.normal(self.cfg.annotator_accuracy, 0.1), 0.55, 1.0))
+        p = float(np.clip(rng.normal(self.cfg.annotator_accuracy, 0.05), 0.6, 1.0))
         given = [truth if rng.random() < p else t.answers[_others(rng, len(t.answers), t.answers.index(truth))]
                  for _ in range(10)]
         return soft_label(given)

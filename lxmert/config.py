@@ -60,7 +60,7 @@ class EmbeddedConfig:
     min_objects: int = _f(3, "fewest objects in a scene", _positive, "> 0")
     max_objects: int = _f(6, "most objects in a scene", _positive, "> 0")
     feature_noise: float = _f(0.3, "std of the Gaussian noise added to region features", _non_negative, ">= 0")
-    annotator_accuracy: float = _f(0.85, "probability that a simulated annotator gives the true answer",
+    annotator_accuracy: float = _f(0.9, "probability that a simulated annotator gives the true answer",
                                    lambda v: 0 < v <= 1, "in (0, 1]")
     cp_skew: float = _f(0.9, "share of a question type's answers drawn from its 'train' half in the "
                         "changing-priors train split (and from the other half at test)",

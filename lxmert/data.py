@@ -1,0 +1,225 @@
+"""Questions + feature store -> batches.
+
+A split is loaded once: questions are validated, tokenized in one call, their labels turned into
+sparse (CSR) soft-score arrays and their images resolved to feature-store rows. A batch is built
+in one go from a list of indices (one memory-map gather, no per-sample collate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .answers import AnswerVocab
+from .benchmark import ensure_embedded
+from .config import Config
+from .features import FeatureStore
+from .io import InputError, read_json
+
+REQUIRED = ("img_id", "sent", "question_id")
+
+
+def load_tokenizer(cfg: Config):
+    """The BERT tokenizer of the run: `model.tokenizer` (hub id or folder) or the dataset's own."""
+    from transformers import BertTokenizer
+
+    source = cfg.model.tokenizer or str(Path(cfg.data.root) / "tokenizer")
+    try:
+        return BertTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise InputError(f"cannot load tokenizer '{source}' (model.tokenizer): {e}") from None
+
+
+@dataclass
+class Split:
+    """One question file, tokenized and resolved; labels as CSR arrays over the answer vocabulary."""
+
+    name: str
+    question_ids: np.ndarray
+    question_types: list[str]
+    answer_types: list[str]
+    sentences: list[str]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    rows: np.ndarray
+    label_ptr: np.ndarray
+    label_idx: np.ndarray
+    label_score: np.ndarray
+    has_labels: bool
+    out_of_vocab: int
+
+    def __len__(self) -> int:
+        return len(self.question_ids)
+
+    def dense_targets(self, index: np.ndarray, num_answers: int) -> np.ndarray:
+        target = np.zeros((len(index), num_answers), np.float32)
+        for k, i in enumerate(index):
+            a, b = self.label_ptr[i], self.label_ptr[i + 1]
+            target[k, self.label_idx[a:b]] = self.label_score[a:b]
+        return target
+
+
+def _validate(questions, path: Path) -> None:
+    if not isinstance(questions, list):
+        raise InputError(f"{path}: expected a JSON list of questions")
+    if not questions:
+        raise InputError(f"{path}: the split is empty")
+    for i, q in enumerate(questions):
+        if not isinstance(q, dict):
+            raise InputError(f"{path}: question #{i} is not an object")
+        for key in REQUIRED:
+            if key not in q:
+                raise InputError(f"{path}: question #{i} has no field '{key}'")
+        if "label" in q and not isinstance(q["label"], dict):
+            raise InputError(f"{path}: question #{i} field 'label' must be an object answer -> score")
+
+
+def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, max_len: int) -> Split:
+    questions = read_json(path, "question file")
+    _validate(questions, path)
+    for i, q in enumerate(questions):
+        if q["img_id"] not in store:
+            raise InputError(f"{path}: question #{i} (question_id {q['question_id']}) has img_id "
+                             f"'{q['img_id']}', which is not in the feature store {store.folder}")
+    enc = tokenizer([q["sent"] for q in questions], padding="max_length", truncation=True,
+                    max_length=max_len, return_tensors="np")
+    ptr, idx, score, oov = [0], [], [], 0
+    for q in questions:
+        label = q.get("label") or {}
+        known = [(vocab.ans2label[a], s) for a, s in label.items() if a in vocab.ans2label]
+        oov += bool(label) and not known
+        idx += [k for k, _ in known]
+        score += [s for _, s in known]
+        ptr.append(len(idx))
+    return Split(
+        name=path.stem, question_ids=np.array([q["question_id"] for q in questions]),
+        question_types=[q.get("question_type", "unknown") for q in questions],
+        answer_types=[q.get("answer_type", "unknown") for q in questions],
+        sentences=[q["sent"] for q in questions],
+        input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64),
+        rows=np.array([store.row(q["img_id"]) for q in questions], np.int64),
+        label_ptr=np.array(ptr, np.int64), label_idx=np.array(idx, np.int64),
+        label_score=np.array(score, np.float32), has_labels=all("label" in q for q in questions),
+        out_of_vocab=int(oov))
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Indexing with a list of question positions returns a whole batch as tensors."""
+
+    def __init__(self, split: Split, store: FeatureStore, num_answers: int, qtype_index: dict[str, int]):
+        self.split, self.store, self.num_answers = split, store, num_answers
+        unknown = len(qtype_index)
+        self.qtypes = np.array([qtype_index.get(t, unknown) for t in split.question_types], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: list[int]) -> dict[str, torch.Tensor]:
+        index = np.asarray(index)
+        sp = self.split
+        rows = sp.rows[index]
+        order = np.argsort(rows, kind="stable")
+        feats = np.empty((len(index), self.store.num_boxes, self.store.feat_dim), np.float32)
+        boxes = np.empty((len(index), self.store.num_boxes, 4), np.float32)
+        feats[order] = self.store._features[rows[order]]
+        boxes[order] = self.store._boxes[rows[order]]
+        mask = sp.attention_mask[index]
+        length = max(int(mask.sum(1).max()), 1)
+        return {
+            "input_ids": torch.from_numpy(sp.input_ids[index, :length]),
+            "attention_mask": torch.from_numpy(mask[:, :length]),
+            "visual_feats": torch.from_numpy(feats), "visual_pos": torch.from_numpy(boxes),
+            "target": torch.from_numpy(sp.dense_targets(index, self.num_answers)),
+            "qtype": torch.from_numpy(self.qtypes[index]), "index": torch.from_numpy(index),
+        }
+
+
+class BatchSampler(torch.utils.data.Sampler):
+    """Global batches from a seeded permutation of each epoch; under torchrun each rank takes its
+    contiguous slice of every global batch, so N ranks see exactly the batches one process would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world, self.epoch, self.skip = rank, world, 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def global_batches(self) -> list[np.ndarray]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        return [b for b in batches if len(b) >= self.world]
+
+    def __len__(self) -> int:
+        return len(self.global_batches()) - self.skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches()[self.skip:]:
+            per = -(-len(batch) // self.world)
+            yield batch[self.rank * per:(self.rank + 1) * per].tolist()
+
+
+@dataclass
+class Data:
+    """Everything a run reads: vocabulary, store, tokenizer, and the splits it names."""
+
+    vocab: AnswerVocab
+    store: FeatureStore
+    tokenizer: object
+    train: VQADataset
+    valid: VQADataset
+    tests: dict[str, VQADataset]
+    qtype_index: dict[str, int]
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.vocab)
+
+
+def _concat(splits: list[Split]) -> Split:
+    if len(splits) == 1:
+        return splits[0]
+    offsets = np.cumsum([0] + [len(s.label_idx) for s in splits[:-1]])
+    ptr = np.concatenate([splits[0].label_ptr[:1]] + [s.label_ptr[1:] + o for s, o in zip(splits, offsets)])
+    cat = lambda k: np.concatenate([getattr(s, k) for s in splits])  # noqa: E731
+    return Split(name="+".join(s.name for s in splits), question_ids=cat("question_ids"),
+                 question_types=sum((s.question_types for s in splits), []),
+                 answer_types=sum((s.answer_types for s in splits), []),
+                 sentences=sum((s.sentences for s in splits), []), input_ids=cat("input_ids"),
+                 attention_mask=cat("attention_mask"), rows=cat("rows"), label_ptr=ptr,
+                 label_idx=cat("label_idx"), label_score=cat("label_score"),
+                 has_labels=all(s.has_labels for s in splits), out_of_vocab=sum(s.out_of_vocab for s in splits))
+
+
+def load_data(cfg: Config, log=print, names: Optional[dict] = None) -> Data:
+    """Load the splits a config names (generating the embedded benchmark first if needed)."""
+    d = cfg.data
+    root = Path(d.root)
+    if d.dataset == "embedded":
+        ensure_embedded(d.embedded, root, log)
+    store_dir = Path(d.features) if Path(d.features).is_absolute() else root / d.features
+    store = FeatureStore(store_dir)
+    store.check_boxes()
+    vocab = AnswerVocab.load(root / d.ans2label)
+    tokenizer = load_tokenizer(cfg)
+    load = lambda name: load_split(root / f"{name}.json", tokenizer, vocab, store, d.max_seq_length)  # noqa: E731
+    train = _concat([load(n) for n in d.train])
+    if not train.has_labels:
+        raise InputError(f"training split {d.train} has questions without 'label'")
+    qtype_index = {t: i for i, t in enumerate(sorted(set(train.question_types)))}
+    wrap = lambda s: VQADataset(s, store, len(vocab), qtype_index)  # noqa: E731
+    valid = load(d.valid)
+    for split in [train, valid]:
+        if split.out_of_vocab:
+            log(f"{split.name}: {split.out_of_vocab} of {len(split)} questions have no answer in the vocabulary")
+    return Data(vocab, store, tokenizer, wrap(train), wrap(valid), {n: wrap(load(n)) for n in d.test}, qtype_index)
+
+
+def loader(dataset: VQADataset, sampler: BatchSampler, num_workers: int, pin: bool):
+    """A DataLoader that yields whole batches built by the dataset (workers share the memory map)."""
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                                       pin_memory=pin, persistent_workers=False)

@@ -1,0 +1,118 @@
+"""Plots and tables, computed only from the JSON files the experiments wrote."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .io import write_text, write_with  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_finetune(result: dict, path: Path) -> None:
+    """Training loss and validation accuracy per epoch for each seed; question-only accuracy dashed."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    valid = result["valid_split"]
+    for seed, s in result["seeds"].items():
+        epochs = [e["epoch"] for e in s["epochs"]]
+        ax_loss.plot(epochs, [e["loss"] for e in s["epochs"]], marker="o", label=f"seed {seed}")
+        line, = ax_acc.plot(epochs, [e["valid"] for e in s["epochs"]], marker="o", label=f"seed {seed}")
+        ax_acc.axhline(s["blind"][valid]["overall"], ls="--", color=line.get_color(),
+                       label=f"question-only (seed {seed})")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel=f"{valid} accuracy (%)", title=f"{result['experiment']}: validation accuracy")
+    ax_loss.legend()
+    ax_acc.legend(fontsize=8)
+    _save(fig, path)
+
+
+LOTTERY_CURVES = [("accuracy_retrained", "retrained", "-"), ("accuracy_rewound", "rewound (before retraining)", ":"),
+                  ("accuracy_pruned", "pruned (before rewinding)", "-.")]
+
+
+def _by_level(rows: list[dict], key: str) -> tuple[list[float], list[float], list[float]]:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["target_sparsity"]].append(r[key])
+    levels = sorted(groups)
+    return ([100 * x for x in levels], [float(np.mean(groups[x])) for x in levels],
+            [float(np.std(groups[x])) for x in levels])
+
+
+def plot_lottery(result: dict, folder: Path) -> list[Path]:
+    """One plot per mode (retrained, rewound, pruned, dense baseline dashed) and one with all modes."""
+    rows, dense = result["rows"], result["dense"]
+    paths = []
+    modes = sorted({r["mode"] for r in rows}, key=lambda m: ["low_magnitude", "random", "high_magnitude"].index(m))
+    for mode in modes:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        mine = [r for r in rows if r["mode"] == mode]
+        for key, label, style in LOTTERY_CURVES:
+            x, y, e = _by_level(mine, key)
+            ax.errorbar(x, y, yerr=e, ls=style, marker="o", capsize=3, label=label)
+        _baselines(ax, dense)
+        ax.set(xlabel="sparsity level (%)", ylabel=f"{result['valid_split']} accuracy (%)",
+               title=f"{result['experiment']}: {mode.replace('_', ' ')}")
+        ax.legend(fontsize=8)
+        paths.append(folder / f"lottery_{mode}.png")
+        _save(fig, paths[-1])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in modes:
+        x, y, e = _by_level([r for r in rows if r["mode"] == mode], "accuracy_retrained")
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=mode.replace("_", " "))
+    _baselines(ax, dense)
+    ax.set(xlabel="sparsity level (%)", ylabel=f"{result['valid_split']} accuracy (%)",
+           title=f"{result['experiment']}: retrained accuracy, all modes")
+    ax.legend(fontsize=8)
+    paths.append(folder / "lottery_all.png")
+    _save(fig, paths[-1])
+    return paths
+
+
+def _baselines(ax, dense: dict) -> None:
+    ax.axhline(dense["accuracy"]["mean"], ls="--", color="black", label="dense")
+    ax.axhline(dense["blind"]["mean"], ls="--", color="grey", label="question-only")
+
+
+def lottery_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Mean +- std of retrained accuracy by sparsity (rows) and mode (columns)."""
+    rows = result["rows"]
+    modes = [m for m in ["low_magnitude", "random", "high_magnitude"] if any(r["mode"] == m for r in rows)]
+    levels = sorted({r["target_sparsity"] for r in rows})
+    header = ["sparsity %", "measured %"] + [m.replace("_", " ") for m in modes]
+    body = []
+    for level in levels:
+        at = [r for r in rows if r["target_sparsity"] == level]
+        line = [f"{100 * level:g}", f"{np.mean([r['measured_sparsity'] for r in at]):.2f}"]
+        for m in modes:
+            acc = [r["accuracy_retrained"] for r in at if r["mode"] == m]
+            line.append(f"{np.mean(acc):.2f} ± {np.std(acc):.2f}" if acc else "")
+        body.append(line)
+    d = result["dense"]
+    body.append(["0 (dense)", "0.00"] + [f"{d['accuracy']['mean']:.2f} ± {d['accuracy']['std']:.2f}"] * len(modes))
+    body.append(["question-only", "-"] + [f"{d['blind']['mean']:.2f} ± {d['blind']['std']:.2f}"] * len(modes))
+    return header, body
+
+
+def write_table(header: list[str], body: list[list[str]], md_path: Path, png_path: Path, title: str) -> None:
+    """The same table as Markdown and as a PNG image."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    write_text(md_path, f"# {title}\n\n" + "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(1.6 * len(header) + 1, 0.35 * len(body) + 1))
+    ax.axis("off")
+    table = ax.table(cellText=body, colLabels=header, loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.3)
+    ax.set_title(title, fontsize=9)
+    _save(fig, png_path)

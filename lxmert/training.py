@@ -1,0 +1,320 @@
+"""One training run: AdamW with linear warmup/decay, clipping, evaluation every epoch, best and last
+checkpoints, and exact resumption.
+
+A run lives in a folder:
+  last/model.safetensors + last/trainer.pt   state after the latest finished epoch (or N steps)
+  best/model.safetensors                      weights of the best validation epoch
+  done.json                                   summary; its presence means the run is finished
+Rerunning a finished run returns its summary; an interrupted one continues from `last/` with the
+optimizer, scheduler, RNG states and step restored, so a CPU run gives the same numbers as one
+that was never interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import distributed as dist
+from .config import Config
+from .data import BatchSampler, VQADataset, loader
+from .evaluation import autocast, evaluate, to_device
+from .io import InputError, load_state, load_tensors, read_json, save_state, save_tensors, write_json
+from .masks import MaskEnforcer
+
+log = logging.getLogger("lxmert")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def quiet() -> bool:
+    """No progress bars under CI, when output is not a terminal, or on ranks other than 0."""
+    return bool(os.environ.get("CI")) or not sys.stderr.isatty() or not dist.is_main()
+
+
+@dataclass
+class RunSpec:
+    """What a training run does beyond the config's defaults."""
+
+    folder: Path
+    seed: int
+    loss: nn.Module
+    epochs: int
+    lr: float
+    masks: Optional[dict[str, torch.Tensor]] = None
+    params: Optional[list[nn.Parameter]] = None
+    after_step: Optional[Callable[[int], None]] = None
+    capture_step: int = 0
+    tag: str = ""
+    before_save: Optional[Callable[[], None]] = None
+    extra: dict = field(default_factory=dict)
+
+
+class _Objective(nn.Module):
+    """Model + loss in one module, so DDP synchronises the loss's own parameters too."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        logits, pooled = self.model(batch)
+        return self.loss(logits.float(), batch["target"], pooled.float(), batch["qtype"])
+
+
+def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay = [p for n, p in named if p.ndim >= 2 and "LayerNorm" not in n and "layer_norm" not in n]
+    other = [p for n, p in named if not (p.ndim >= 2 and "LayerNorm" not in n and "layer_norm" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def _optimizer(objective: _Objective, spec: RunSpec, cfg: Config, device: torch.device):
+    if spec.params is not None:
+        ids = {id(p) for p in spec.params}
+        named = [(n, p) for n, p in objective.named_parameters() if id(p) in ids]
+    else:
+        named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(_param_groups(named, cfg.train.weight_decay), lr=spec.lr, fused=fused)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs one RunSpec on a model and the loaded data."""
+
+    def __init__(self, cfg: Config, model: nn.Module, train: VQADataset, valid: VQADataset, spec: RunSpec):
+        self.cfg, self.model, self.train, self.valid, self.spec = cfg, model, train, valid, spec
+        self.device = dist.device()
+        self.objective = _Objective(model, spec.loss).to(self.device)
+        self.enforcer = MaskEnforcer(model, spec.masks) if spec.masks else None
+        self.sampler = BatchSampler(len(train), cfg.train.batch_size, spec.seed, True, dist.rank(), dist.world())
+        self.steps_per_epoch = len(self.sampler.global_batches()) // cfg.train.grad_accum
+        total = self.steps_per_epoch * spec.epochs
+        self.optimizer = _optimizer(self.objective, spec, cfg, self.device)
+        from transformers import get_linear_schedule_with_warmup
+
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.train.warmup * total), total)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg.train.precision == "fp16")
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.history: list[dict] = []
+        self.best = -1.0
+        self.runner = self._wrap()
+
+    def _wrap(self) -> nn.Module:
+        runner: nn.Module = self.objective
+        if self.cfg.train.compile and self.device.type == "cuda":
+            runner = torch.compile(runner)
+        if dist.active():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids)
+        return runner
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        return self.spec.folder
+
+    def _save_last(self) -> None:
+        if self.spec.before_save is not None:
+            self.spec.before_save()
+        if not dist.is_main():
+            return
+        save_tensors(self.folder / "last" / "model.safetensors", self.objective.state_dict())
+        save_state(self.folder / "last" / "trainer.pt", {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "history": self.history, "best": self.best,
+            "rng": _rng_state()})
+
+    def _resume(self) -> None:
+        state_path = self.folder / "last" / "trainer.pt"
+        if not state_path.exists():
+            return
+        weights = load_tensors(self.folder / "last" / "model.safetensors")
+        check_compatible(self.objective.state_dict(), weights, self.folder / "last" / "model.safetensors")
+        self.objective.load_state_dict(weights)
+        state = load_state(state_path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.history, self.best = list(state["history"]), state["best"]
+        _set_rng_state(state["rng"])
+        log.info("%s: resumed from %s at epoch %d, step %d", self.spec.tag, self.folder / "last",
+                 self.epoch + 1, self.step)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        done = self.folder / "done.json"
+        if done.exists():
+            return read_json(done)
+        self._resume()
+        if self.enforcer is not None:
+            self.enforcer.apply()
+        epochs = range(self.epoch, self.spec.epochs)
+        for epoch in tqdm(epochs, desc=f"{self.spec.tag} epochs", disable=quiet(), leave=False):
+            self.epoch = epoch
+            started = time.time()
+            loss = self._epoch()
+            acc = evaluate(self.model, self.valid, self.cfg.train.eval_batch_size, self.device, self.cfg.train.precision)
+            record = {"epoch": epoch + 1, "step": self.step, "loss": loss, "valid": acc,
+                      "seconds": round(time.time() - started, 2)}
+            self.history.append(record)
+            self._report(record)
+            if acc["overall"] > self.best:
+                self.best = acc["overall"]
+                if dist.is_main():
+                    save_tensors(self.folder / "best" / "model.safetensors", self.model.state_dict())
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
+            self._save_last()
+        best_epoch = max(self.history, key=lambda r: r["valid"]["overall"])
+        summary = {"history": self.history, "final": self.history[-1]["valid"], "best": best_epoch["valid"],
+                   "best_epoch": best_epoch["epoch"], "steps": self.step}
+        if dist.is_main():
+            write_json(done, summary)
+        dist.barrier()
+        return summary
+
+    def _epoch(self) -> float:
+        cfg = self.cfg.train
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        batches = loader(self.train, self.sampler, self.cfg.data.num_workers, self.device.type == "cuda")
+        self.objective.train()
+        total, count = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=quiet(), leave=False)
+        for batch in bar:
+            batch = to_device(batch, self.device)
+            with autocast(self.device, cfg.precision):
+                loss = self.runner(batch)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"{self.spec.tag}: loss became {loss.item()} at step {self.step + 1} "
+                                       f"(epoch {self.epoch + 1}); last good checkpoint: {self.folder / 'last'}")
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            self.batch_in_epoch += 1
+            total, count = total + loss.item(), count + 1
+            if self.batch_in_epoch % cfg.grad_accum == 0:
+                self._optimizer_step()
+                bar.set_postfix(loss=f"{total / count:.3f}")
+        return round(dist.mean(total / max(count, 1)), 6)
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg.train
+        if self.enforcer is not None:
+            self.enforcer.zero_grads()
+        if cfg.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.enforcer is not None:
+            self.enforcer.apply()
+        self.step += 1
+        if self.spec.after_step is not None:
+            self.spec.after_step(self.step)
+        if self.spec.capture_step and self.step == self.spec.capture_step and dist.is_main():
+            save_tensors(self.folder / "rewind.safetensors", self.model.state_dict())
+        if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+            self._save_last()
+
+    def _report(self, record: dict) -> None:
+        if not dist.is_main():
+            return
+        acc = record["valid"]
+        per_type = ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k not in ("overall", "questions"))
+        log.info("%s | epoch %d/%d | step %d | loss %.4f | valid %.2f (%s) | %.1fs", self.spec.tag,
+                 record["epoch"], self.spec.epochs, record["step"], record["loss"], acc["overall"], per_type,
+                 record["seconds"])
+        metrics_log({"event": "epoch", "run": self.spec.tag, **record})
+
+
+_METRICS_PATH: Optional[Path] = None
+
+
+def setup_logging(cfg: Config) -> None:
+    """Readable log in logs/<experiment>.log (and the console), JSON lines in logs/<experiment>.jsonl."""
+    global _METRICS_PATH
+    logger = logging.getLogger("lxmert")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    logging.getLogger("lxmert.modeling").setLevel(logging.INFO)
+    if dist.is_main():
+        cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(cfg.log_path)
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+        _METRICS_PATH = cfg.log_path.with_suffix(".jsonl")
+    else:
+        logger.setLevel(logging.WARNING)
+
+
+def metrics_log(record: dict) -> None:
+    import json
+
+    if _METRICS_PATH is not None and dist.is_main():
+        with open(_METRICS_PATH, "a") as fh:
+            fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def check_compatible(expected: dict, found: dict, source: Path) -> None:
+    """Refuse weights made for another config: name what differs (keys or shapes)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        raise InputError(f"{source} does not match this config: missing keys {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected keys {extra[:5]}"
+                         f"{'...' if len(extra) > 5 else ''}")
+    for k, v in expected.items():
+        if tuple(found[k].shape) != tuple(v.shape):
+            raise InputError(f"{source} does not match this config: '{k}' has shape {tuple(found[k].shape)}, "
+                             f"this config needs {tuple(v.shape)}")
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    weights = load_tensors(path)
+    check_compatible(model.state_dict(), weights, path)
+    model.load_state_dict(weights)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def is_finite_number(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

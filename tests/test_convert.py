@@ -1,0 +1,125 @@
+"""Converting an LXMERT release checkpoint (original `bert.*` naming) into LxmertModel + answer head."""
+import json
+
+import pytest
+import torch
+from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel
+
+from lxmert.config import ModelConfig
+from lxmert.convert import convert, main
+from lxmert.io import InputError, load_tensors
+from lxmert.modeling import build_model
+
+RELEASE_ANSWERS = ["yes", "no", "a dog", "2", "red", "the cat", "blue", "3", "green", "tree", "car", "man"]
+PROJECT_ANSWERS = ["no", "yes", "dog", "cat", "purple", "2", "bus", "green"]
+COPIED = {"no": 1, "yes": 0, "dog": 2, "cat": 5, "2": 3, "green": 8}  # project answer -> release row
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A tiny pretraining model saved the way the LXMERT release names its keys."""
+    torch.manual_seed(0)
+    config = LxmertConfig(vocab_size=300, hidden_size=28, num_attention_heads=2, intermediate_size=64,
+                          l_layers=2, x_layers=1, r_layers=1, visual_feat_dim=128, num_qa_labels=len(RELEASE_ANSWERS))
+    model = LxmertForPreTraining(config)
+    for p in model.parameters():  # no structure (ones, zeros) a wrong mapping could hide behind
+        torch.nn.init.normal_(p, std=0.5)
+    state = {("bert." + k.removeprefix("lxmert.")) if k.startswith("lxmert.") else k: v.clone()
+             for k, v in model.state_dict().items()}
+    assert any(k.startswith("answer_head.logit_fc.3.") for k in state)
+    folder = tmp_path_factory.mktemp("release")
+    torch.save(state, folder / "model_LXRT.pth")
+    (folder / "all_ans.json").write_text(json.dumps([{"ans": a, "dsets": ["vqa"]} for a in RELEASE_ANSWERS]))
+    (folder / "ans2label.json").write_text(json.dumps({a: i for i, a in enumerate(PROJECT_ANSWERS)}))
+    return folder, state
+
+
+def _convert(release, out, **kw):
+    folder, _ = release
+    return convert(folder / "model_LXRT.pth", folder / "ans2label.json", out, log=lambda m: None, **kw)
+
+
+def test_every_tensor_lands_where_it_belongs(release, tmp_path):
+    folder, state = release
+    report = _convert(release, tmp_path / "out", pretrained_answers=folder / "all_ans.json",
+                      num_attention_heads=2)
+    encoder = LxmertModel.from_pretrained(tmp_path / "out")
+    assert encoder.config.num_attention_heads == 2 and encoder.config.l_layers == 2
+    converted = encoder.state_dict()
+    encoder_keys = {k for k in state if k.startswith("bert.")}
+    assert {"bert." + k for k in converted} == encoder_keys
+    for key in encoder_keys:
+        torch.testing.assert_close(converted[key.removeprefix("bert.")], state[key], rtol=0, atol=0)
+    head = load_tensors(tmp_path / "out/head.safetensors")
+    assert set(head) == {f"head.{i}.{p}" for i in (0, 2, 3) for p in ("weight", "bias")}
+    for i in (0, 2):
+        for p in ("weight", "bias"):
+            torch.testing.assert_close(head[f"head.{i}.{p}"], state[f"answer_head.logit_fc.{i}.{p}"], rtol=0, atol=0)
+    src_w, src_b = state["answer_head.logit_fc.3.weight"], state["answer_head.logit_fc.3.bias"]
+    for label, answer in enumerate(PROJECT_ANSWERS):
+        if answer in COPIED:
+            torch.testing.assert_close(head["head.3.weight"][label], src_w[COPIED[answer]], rtol=0, atol=0)
+            assert head["head.3.bias"][label] == src_b[COPIED[answer]]
+        else:
+            assert head["head.3.bias"][label] == 0
+            assert 0.001 < head["head.3.weight"][label].std() < 0.05
+    assert report["answer_rows_copied"] == len(COPIED)
+    assert report["answers_initialised_fresh"] == ["purple", "bus"]
+    dropped = set(report["dropped_keys"])
+    assert dropped == {k for k in state if k.startswith(("cls.", "obj_predict_head."))}
+    assert encoder_keys | dropped | {k for k in state if k.startswith("answer_head.")} == set(state)
+
+
+def test_converted_folder_builds_the_project_model(release, tmp_path):
+    folder, _ = release
+    _convert(release, tmp_path / "out", pretrained_answers=folder / "all_ans.json", num_attention_heads=2)
+    model = build_model(ModelConfig(pretrained=str(tmp_path / "out")), 300, 128, len(PROJECT_ANSWERS))
+    head = load_tensors(tmp_path / "out/head.safetensors")
+    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()}, strict=True)
+    batch = {"input_ids": torch.tensor([[1, 5, 2]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "visual_feats": torch.randn(1, 4, 128), "visual_pos": torch.rand(1, 4, 4)}
+    logits, _ = model.eval()(batch)
+    assert logits.shape == (1, len(PROJECT_ANSWERS))
+
+
+def test_without_answer_list_no_rows_are_copied(release, tmp_path):
+    report = _convert(release, tmp_path / "out", num_attention_heads=2)
+    assert report["answer_rows_copied"] == 0
+    assert "answer_head.logit_fc.3.weight" in report["dropped_keys"]
+    assert torch.all(load_tensors(tmp_path / "out/head.safetensors")["head.3.bias"] == 0)
+
+
+def _edited(release, tmp_path, edit):
+    folder, state = release
+    state = dict(state)
+    edit(state)
+    torch.save(state, tmp_path / "model_LXRT.pth")
+    return tmp_path / "model_LXRT.pth"
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.update({"bert.encoder.extra.weight": torch.zeros(2)}), "bert.encoder.extra.weight"),
+    (lambda s: s.update({"vqa_head.weight": torch.zeros(2)}), "vqa_head.weight"),
+    (lambda s: s.pop("bert.pooler.dense.bias"), "bert.pooler.dense.bias"),
+])
+def test_unplaced_or_missing_keys_stop_the_conversion(release, tmp_path, edit, words):
+    folder, _ = release
+    path = _edited(release, tmp_path, edit)
+    with pytest.raises(InputError, match=words.replace(".", r"\.")):
+        convert(path, folder / "ans2label.json", tmp_path / "out", num_attention_heads=2, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_files_say_what_to_download(release, tmp_path, capsys):
+    folder, _ = release
+    assert main(["--checkpoint", str(tmp_path / "model_LXRT.pth"), "--answers", str(folder / "ans2label.json"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint not found") and "nlp.cs.unc.edu/data/model_LXRT.pth" in err
+    assert "data/README.md" in err
+    with pytest.raises(InputError, match="all_ans.json"):
+        _convert(release, tmp_path / "out", pretrained_answers=tmp_path / "nope.json", num_attention_heads=2)
+    wrong = tmp_path / "short.json"
+    wrong.write_text(json.dumps(RELEASE_ANSWERS[:5]))
+    with pytest.raises(InputError, match="5 answers, but the checkpoint's QA head has 12 rows"):
+        _convert(release, tmp_path / "out", pretrained_answers=wrong, num_attention_heads=2)

@@ -1,0 +1,297 @@
+"""Raw VQA / VQA-CP / VQA-VS files and bottom-up-attention TSVs -> prepared question files and store."""
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lxmert.features import FeatureStore, StoreWriter
+from lxmert.io import InputError
+from lxmert.prepare import (VQAVS_OOD, Carve, ImageNamer, RawSplit, main, prepare_features, prepare_questions,
+                            vqavs_layout)
+
+R, D = 36, 8
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
+
+
+def _tsv_fields(img_id: str, h: float, w: float, boxes: np.ndarray, feats: np.ndarray) -> list[str]:
+    n = len(boxes)
+    return [img_id, str(h), str(w), _b64(np.arange(n, dtype="<i8")), _b64(np.full(n, 0.5, "<f4")),
+            _b64(np.zeros(n, "<i8")), _b64(np.full(n, 0.25, "<f4")), str(n), _b64(boxes.astype("<f4")),
+            _b64(feats.astype("<f4"))]
+
+
+def _image(seed: int, h: float = 480.0, w: float = 640.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x1, y1 = rng.uniform(0, w / 2, R), rng.uniform(0, h / 2, R)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, R), y1 + rng.uniform(1, h / 2, R)], 1).astype(np.float32)
+    return boxes, rng.standard_normal((R, D)).astype(np.float32)
+
+
+def _write_tsv(path: Path, lines: list[list[str]]) -> Path:
+    path.write_text("".join("\t".join(f) + "\n" for f in lines))
+    return path
+
+
+def _leftovers(folder: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+def test_tsv_to_store_exact_features_boxes_ids(tmp_path):
+    images = {f"COCO_train2014_{i:012d}": _image(i) for i in (9, 25, 30)}
+    images["COCO_val2014_000000000042"] = _image(42, h=300.0, w=500.0)
+    sizes = {k: (480.0, 640.0) for k in images} | {"COCO_val2014_000000000042": (300.0, 500.0)}
+    rows = [_tsv_fields(k, *sizes[k], *images[k]) for k in images]
+    a = _write_tsv(tmp_path / "train2014_obj36.tsv", rows[:3])
+    b = _write_tsv(tmp_path / "val2014_obj36.tsv", rows[3:])
+    info = prepare_features([a, b], tmp_path / "store", log=lambda m: None)
+    assert info == {"num_images": 4, "num_boxes": R, "feat_dim": D, "dtype": "float32"}
+    store = FeatureStore(tmp_path / "store")
+    assert list(store.index) == list(images)
+    for img_id, (boxes, feats) in images.items():
+        got_feats, got_boxes = store.get(store.row(img_id))
+        h, w = sizes[img_id]
+        np.testing.assert_array_equal(got_feats, feats)
+        np.testing.assert_allclose(got_boxes, boxes / np.array([w, h, w, h], np.float32), rtol=1e-6)
+    store.check_boxes()
+    assert _leftovers(tmp_path, {"train2014_obj36.tsv", "val2014_obj36.tsv", "store"}) == []
+
+
+def test_tsv_float16_store(tmp_path):
+    boxes, feats = _image(1)
+    tsv = _write_tsv(tmp_path / "a.tsv", [_tsv_fields("img1", 480, 640, boxes, feats)])
+    prepare_features([tsv], tmp_path / "store", dtype="float16", log=lambda m: None)
+    store = FeatureStore(tmp_path / "store")
+    np.testing.assert_array_equal(store.get(0)[0], feats.astype(np.float16).astype(np.float32))
+
+
+def _bad_lines() -> dict[str, tuple[list[str], str]]:
+    good = _tsv_fields("img2", 480, 640, *_image(2))
+    truncated = "\t".join(good)[: -len(good[-1]) // 2]
+    short_feats = _tsv_fields("img2", 480, 640, _image(2)[0], _image(2)[1][:, : D - 1])
+    return {"truncated": (truncated, "line 2"), "fields": ("\t".join(good[:7]), "line 2"),
+            "features": ("\t".join(short_feats), "field 'features'"),
+            "boxes": ("\t".join(good[:8] + [_b64(np.zeros(5, '<f4'))] + good[9:]), "field 'boxes'")}
+
+
+@pytest.mark.parametrize("case", ["truncated", "fields", "features", "boxes"])
+def test_bad_tsv_is_one_error_and_leaves_nothing(tmp_path, case):
+    line, words = _bad_lines()[case]
+    first = "\t".join(_tsv_fields("img1", 480, 640, *_image(1)))
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text(first + "\n" + line + "\n")
+    with pytest.raises(InputError) as err:
+        prepare_features([tsv], tmp_path / "store", log=lambda m: None)
+    assert str(tsv) in str(err.value) and "line 2" in str(err.value) and words in str(err.value)
+    assert _leftovers(tmp_path, {"bad.tsv"}) == []
+
+
+def test_existing_store_is_kept_unless_overwrite(tmp_path):
+    tsv = _write_tsv(tmp_path / "a.tsv", [_tsv_fields("img1", 480, 640, *_image(1))])
+    prepare_features([tsv], tmp_path / "store", log=lambda m: None)
+    with pytest.raises(InputError, match="already exists"):
+        prepare_features([tsv], tmp_path / "store", log=lambda m: None)
+    tsv2 = _write_tsv(tmp_path / "b.tsv", [_tsv_fields("img7", 480, 640, *_image(7))])
+    prepare_features([tsv2], tmp_path / "store", overwrite=True, log=lambda m: None)
+    assert list(FeatureStore(tmp_path / "store").index) == ["img7"]
+    assert _leftovers(tmp_path, {"a.tsv", "b.tsv", "store"}) == []
+
+
+# ---------------------------------------------------------------------------------------------- questions
+
+def _answers(*words: str) -> list[dict]:
+    return [{"answer": w, "answer_confidence": "yes", "answer_id": i + 1} for i, w in enumerate(words)]
+
+
+def _annotation(qid: int, image_id: int, answers: list[str], mc: str, qtype: str = "how many",
+                atype: str = "number") -> dict:
+    return {"question_id": qid, "image_id": image_id, "question_type": qtype, "answer_type": atype,
+            "multiple_choice_answer": mc, "answers": _answers(*answers)}
+
+
+def _dump(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _vqa_v2_files(tmp_path: Path) -> RawSplit:
+    questions = {"data_subtype": "train2014", "questions": [
+        {"image_id": 9, "question": "How many dogs?", "question_id": 9001},
+        {"image_id": 9, "question": "What is it?", "question_id": 9002},
+        {"image_id": 25, "question": "Is it red?", "question_id": 25001}]}
+    annotations = {"annotations": [
+        _annotation(9001, 9, ["Two", "2", "two.", "2", "three", "3", "3", "none", "2 ", "Two"], "two"),
+        _annotation(9002, 9, ["A dog", "the dog", "dog!", "Dog", "cat", "a Cat", "dont know", "dog", "dog", "dog"],
+                    "dog", "what is", "other"),
+        _annotation(25001, 25, ["yes"] * 9 + ["No"], "yes", "is it", "yes/no")]}
+    return RawSplit(_dump(tmp_path / "q.json", questions), _dump(tmp_path / "a.json", annotations))
+
+
+def test_vqa_v2_questions_labels_and_answers(tmp_path):
+    raw = _vqa_v2_files(tmp_path)
+    vocab = _dump(tmp_path / "vocab.json", {a: i for i, a in enumerate(
+        ["yes", "no", "0", "2", "3", "dog", "cat", "don't know"])})
+    meta = prepare_questions({"train": raw}, tmp_path / "out", vocab_path=vocab, log=lambda m: None)
+    out = tmp_path / "out"
+    assert json.loads((out / "train.json").read_text()) == [
+        {"answer_type": "number", "img_id": "COCO_train2014_000000000009", "label": {"2": 1.0, "3": 0.9, "0": 0.3},
+         "question_id": 9001, "question_type": "how many", "sent": "How many dogs?"},
+        {"answer_type": "other", "img_id": "COCO_train2014_000000000009",
+         "label": {"dog": 1.0, "cat": 0.6, "don't know": 0.3},
+         "question_id": 9002, "question_type": "what is", "sent": "What is it?"},
+        {"answer_type": "yes/no", "img_id": "COCO_train2014_000000000025", "label": {"yes": 1.0, "no": 0.3},
+         "question_id": 25001, "question_type": "is it", "sent": "Is it red?"}]
+    side = json.loads((out / "train_answers.json").read_text())
+    assert side["9001"] == ["2", "2", "2", "2", "3", "3", "3", "0", "2", "2"]
+    assert side["9002"] == ["dog", "dog", "dog", "dog", "cat", "cat", "don't know", "dog", "dog", "dog"]
+    assert json.loads((out / "trainval_ans2label.json").read_text()) == json.loads(vocab.read_text())
+    assert meta["splits"]["train"] == {"questions": 3, "images": 2}
+
+
+def test_vocab_counts_multiple_choice_answers_and_labels_keep_vocab_answers(tmp_path):
+    raw = _vqa_v2_files(tmp_path)
+    prepare_questions({"train": raw}, tmp_path / "out", ["train"], min_count=1, log=lambda m: None)
+    out = tmp_path / "out"
+    assert json.loads((out / "trainval_label2ans.json").read_text()) == ["2", "dog", "yes"]
+    assert json.loads((out / "trainval_ans2label.json").read_text()) == {"2": 0, "dog": 1, "yes": 2}
+    labels = [q["label"] for q in json.loads((out / "train.json").read_text())]
+    assert labels == [{"2": 1.0}, {"dog": 1.0}, {"yes": 1.0}]
+    with pytest.raises(InputError, match="lower --min-count"):
+        prepare_questions({"train": raw}, tmp_path / "out2", ["train"], min_count=2, log=lambda m: None)
+
+
+def test_labels_drop_answers_outside_vocab_and_test_split_has_no_label(tmp_path):
+    raw = _vqa_v2_files(tmp_path)
+    test_q = _dump(tmp_path / "tq.json", {"data_subtype": "test-dev2015", "questions": [
+        {"image_id": 7, "question": "Why?", "question_id": 7001}]})
+    prepare_questions({"train": raw, "test": RawSplit(test_q)}, tmp_path / "out", ["train"], min_count=1,
+                      log=lambda m: None)
+    assert json.loads((tmp_path / "out/test.json").read_text()) == [
+        {"img_id": "COCO_test2015_000000000007", "question_id": 7001, "sent": "Why?"}]
+    assert not (tmp_path / "out/test_answers.json").exists()
+    vocab = tmp_path / "vocab.json"
+    _dump(vocab, {"yes": 0, "3": 1})
+    prepare_questions({"train": raw}, tmp_path / "out2", vocab_path=vocab, log=lambda m: None)
+    labels = [q["label"] for q in json.loads((tmp_path / "out2/train.json").read_text())]
+    assert labels == [{"3": 0.9}, {}, {"yes": 1.0}]
+
+
+def _vqacp_files(tmp_path: Path, n_images: int = 40) -> RawSplit:
+    questions, annotations = [], []
+    for img in range(1, n_images + 1):
+        split = "train2014" if img % 2 else "val2014"
+        for k in range(3):
+            qid = img * 10 + k
+            questions.append({"image_id": img, "question": f"q{qid}?", "question_id": qid, "coco_split": split})
+            annotations.append(_annotation(qid, img, ["yes"] * 10, "yes", "is it", "yes/no") | {"coco_split": split})
+    return RawSplit(_dump(tmp_path / "cp_q.json", questions), _dump(tmp_path / "cp_a.json", annotations))
+
+
+def test_vqacp_carve_is_deterministic_and_disjoint_by_image(tmp_path):
+    raw = _vqacp_files(tmp_path)
+    carve = Carve("cp_train", "cp_val", 0.25, seed=3)
+    prepare_questions({"cp_train": raw}, tmp_path / "a", ["cp_train"], 1, carve=carve, log=lambda m: None)
+    prepare_questions({"cp_train": raw}, tmp_path / "b", ["cp_train"], 1, carve=carve, log=lambda m: None)
+    load = lambda folder, name: json.loads((tmp_path / folder / f"{name}.json").read_text())  # noqa: E731
+    train, val = load("a", "cp_train"), load("a", "cp_val")
+    assert train == load("b", "cp_train") and val == load("b", "cp_val")
+    train_imgs, val_imgs = {q["img_id"] for q in train}, {q["img_id"] for q in val}
+    assert not train_imgs & val_imgs
+    assert len(val_imgs) == 10 and len(train_imgs) == 30 and len(train) + len(val) == 120
+    assert "COCO_val2014_000000000002" in train_imgs | val_imgs  # coco_split field used
+    other = Carve("cp_train", "cp_val", 0.25, seed=4)
+    prepare_questions({"cp_train": raw}, tmp_path / "c", ["cp_train"], 1, carve=other, log=lambda m: None)
+    assert {q["img_id"] for q in load("c", "cp_val")} != val_imgs
+
+
+def _vqavs_raw(tmp_path: Path) -> tuple[Path, dict[str, set[int]]]:
+    """A VQA-VS tree where each split's files hold questions of their own (ids 1000*k + i)."""
+    raw = tmp_path / "raw"
+    expected = {}
+    for k, (name, files) in enumerate(vqavs_layout(raw).items()):
+        files.questions.parent.mkdir(parents=True, exist_ok=True)
+        qs = [{"image_id": 100 + i, "question": f"{name} {i}?", "question_id": 1000 * k + i} for i in range(2)]
+        anns = [_annotation(q["question_id"], q["image_id"], ["yes"] * 10, "yes") for q in qs]
+        _dump(files.questions, qs)
+        _dump(files.annotations, anns)
+        expected[name] = {q["question_id"] for q in qs}
+    return raw, expected
+
+
+def _store(folder: Path, ids: list[str]) -> Path:
+    writer = StoreWriter(folder, len(ids), 2, 4)
+    for img_id in ids:
+        writer.add(img_id, np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    writer.close()
+    return folder
+
+
+def test_vqavs_each_split_reads_its_own_files(tmp_path):
+    raw, expected = _vqavs_raw(tmp_path)
+    store = _store(tmp_path / "store", ["COCO_train2014_000000000100", "COCO_val2014_000000000101"])
+    assert main(["vqavs", "--raw", str(raw), "--out", str(tmp_path / "out"), "--features", str(store),
+                 "--min-count", "1"]) == 0
+    assert set(expected) == {"train", "val", "test_iid", *VQAVS_OOD}
+    for name, ids in expected.items():
+        got = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert {q["question_id"] for q in got} == ids, name
+        assert all(q["sent"].startswith(name + " ") for q in got)
+        assert [q["img_id"] for q in got] == ["COCO_train2014_000000000100", "COCO_val2014_000000000101"]
+
+
+def test_vqavs_missing_file_and_image_not_in_store(tmp_path, capsys):
+    raw, _ = _vqavs_raw(tmp_path)
+    (raw / "Val/Val-Ques.json").unlink()
+    assert main(["vqavs", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Val-Ques.json" in err and "\n" not in err
+    raw2, _ = _vqavs_raw(tmp_path / "again")
+    store = _store(tmp_path / "store", ["COCO_train2014_000000000100"])
+    with pytest.raises(InputError, match="image_id 101 matches 0 images"):
+        prepare_questions(vqavs_layout(raw2), tmp_path / "out", namer=ImageNamer(store=store), log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["malformed", "no_field", "no_annotation", "answers"])
+def test_bad_json_names_file_and_field(tmp_path, case):
+    raw = _vqa_v2_files(tmp_path)
+    target = raw.annotations if case in ("no_annotation", "answers") else raw.questions
+    data = json.loads(target.read_text())
+    if case == "malformed":
+        target.write_text(target.read_text()[:-20])
+        words = "malformed JSON"
+    elif case == "no_field":
+        del data["questions"][1]["question_id"]
+        words = "question #1 has no field 'question_id'"
+    elif case == "no_annotation":
+        del data["annotations"][2]
+        words = "no annotation for question_id 25001"
+    else:
+        data["annotations"][0]["answers"][3] = {"answer_id": 4}
+        words = "field 'answers'"
+    if case != "malformed":
+        _dump(target, data)
+    with pytest.raises(InputError) as err:
+        prepare_questions({"train": raw}, tmp_path / "out", min_count=1, log=lambda m: None)
+    assert str(target) in str(err.value) and words in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_vqa_with_carve_and_coco_split_option(tmp_path):
+    questions = [{"image_id": i, "question": "q?", "question_id": i} for i in range(1, 11)]
+    annotations = [_annotation(i, i, ["no"] * 10, "no", "is", "yes/no") for i in range(1, 11)]
+    q, a = _dump(tmp_path / "q.json", questions), _dump(tmp_path / "a.json", annotations)
+    out = tmp_path / "out"
+    assert main(["vqa", "--out", str(out), "--split", "cp_train", str(q), str(a), "--coco-split", "val2014",
+                 "--carve-val", "0.2", "--val-name", "cp_val", "--seed", "1", "--min-count", "1"]) == 0
+    val = json.loads((out / "cp_val.json").read_text())
+    assert len(val) == 2 and all(x["img_id"].startswith("COCO_val2014_") for x in val)
+    assert json.loads((out / "prepare.json").read_text())["carve"] == {
+        "source": "cp_train", "name": "cp_val", "fraction": 0.2, "seed": 1}
+    assert main(["vqa", "--out", str(out), "--split", "train", str(q), str(a)]) == 2  # no COCO split known
