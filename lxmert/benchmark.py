@@ -37,7 +37,7 @@ COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SIZES = ["small", "large"]
 PLURALS = {"cube": "cubes", "sphere": "spheres", "cylinder": "cylinders", "cone": "cones", "torus": "tori",
            "pyramid": "pyramids"}
-MAX_COUNT = 4
+MAX_COUNT = 3
 IID_SPLITS = {"train": "train_questions", "minival": "valid_questions", "test": "test_questions"}
 CP_SPLITS = {"cp_train": "cp_train_questions", "cp_minival": "cp_valid_questions", "cp_test": "cp_test_questions"}
 
@@ -136,16 +136,24 @@ def _templates() -> list[Template]:
         return (c,)
 
     def size_answer(sc, p):
-        hits = np.flatnonzero((sc.color == p[0]) & (sc.shape == p[1]))
-        return SIZES[sc.size[hits[0]]] if len(hits) == 1 else None
+        i = _unique(sc.shape, p[0])
+        return None if i is None else SIZES[sc.size[i]]
 
     def size_plant(sc, ans, rng):
-        i, c, s = int(rng.integers(len(sc))), int(rng.integers(C)), int(rng.integers(S))
-        sc.color[i], sc.shape[i], sc.size[i] = c, s, SIZES.index(ans)
-        for j in np.flatnonzero((sc.color == c) & (sc.shape == s)):
-            if j != i:
-                sc.color[j] = _others(rng, C, c)
-        return (c, s)
+        i, s = int(rng.integers(len(sc))), int(rng.integers(S))
+        sc.shape[i], sc.size[i] = s, SIZES.index(ans)
+        _make_unique(sc, rng, i, "shape", s, S)
+        return (s,)
+
+    def large_answer(sc, p):
+        i = _unique(sc.color, p[0])
+        return None if i is None else ("yes" if sc.size[i] == 1 else "no")
+
+    def large_plant(sc, ans, rng):
+        i, c = int(rng.integers(len(sc))), int(rng.integers(C))
+        sc.color[i], sc.size[i] = c, 1 if ans == "yes" else 0
+        _make_unique(sc, rng, i, "color", c, C)
+        return (c,)
 
     def count_plant(attr: str, k: int):
         def plant(sc, ans, rng):
@@ -171,17 +179,17 @@ def _templates() -> list[Template]:
                  color_answer, color_plant),
         Template("what is the", "other", SHAPES, lambda p: f"what is the {COLORS[p[0]]} object?",
                  shape_answer, shape_plant),
-        Template("what size is the", "other", SIZES,
-                 lambda p: f"what size is the {COLORS[p[0]]} {SHAPES[p[1]]}?", size_answer, size_plant),
+        Template("what size is the", "other", SIZES, lambda p: f"what size is the {SHAPES[p[0]]}?",
+                 size_answer, size_plant),
+        Template("is the", "yes/no", yes_no, lambda p: f"is the {COLORS[p[0]]} object large?",
+                 large_answer, large_plant),
         Template("how many", "number", counts, lambda p: f"how many {PLURALS[SHAPES[p[0]]]} are there?",
                  lambda sc, p: str(int(np.sum(sc.shape == p[0]))), count_plant("shape", S)),
-        Template("how many", "number", counts, lambda p: f"how many {COLORS[p[0]]} things are there?",
-                 lambda sc, p: str(int(np.sum(sc.color == p[0]))), count_plant("color", C)),
     ]
 
 
 TEMPLATES = _templates()
-COUNT_PRIOR = np.array([0.15, 0.35, 0.25, 0.15, 0.10])
+COUNT_PRIOR = np.array([0.2, 0.4, 0.25, 0.15])
 
 
 def answer_distribution(t: Template, family: str, shifted: bool, skew: float, rng_seed: int) -> np.ndarray:

@@ -55,10 +55,10 @@ class EmbeddedConfig:
     cp_valid_questions: int = _f(1000, "changing-priors validation questions (train priors)", _positive, "> 0")
     cp_test_questions: int = _f(1500, "changing-priors test questions (shifted priors)", _positive, "> 0")
     questions_per_image: int = _f(3, "questions asked about each generated image", _positive, "> 0")
-    num_regions: int = _f(12, "regions per image (objects + background), like detector boxes", _positive, "> 0")
+    num_regions: int = _f(8, "regions per image (objects + background), like detector boxes", _positive, "> 0")
     feat_dim: int = _f(64, "dimension D of each region feature", _positive, "> 0")
-    min_objects: int = _f(3, "fewest objects in a scene", _positive, "> 0")
-    max_objects: int = _f(6, "most objects in a scene", _positive, "> 0")
+    min_objects: int = _f(2, "fewest objects in a scene", _positive, "> 0")
+    max_objects: int = _f(5, "most objects in a scene", _positive, "> 0")
     feature_noise: float = _f(0.3, "std of the Gaussian noise added to region features", _non_negative, ">= 0")
     annotator_accuracy: float = _f(0.9, "probability that a simulated annotator gives the true answer",
                                    lambda v: 0 < v <= 1, "in (0, 1]")
@@ -206,9 +206,26 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def _yaml_float(text: str) -> Any:
+    """PyYAML (YAML 1.1) reads exponent numbers without a dot, like 1e-3, as strings; take them as floats."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _passes(check: Callable[[Any], bool], value: Any) -> bool:
+    """A range check; a list with elements of the wrong type (a string among numbers) fails it."""
+    try:
+        return bool(check(value))
+    except TypeError:
+        return False
+
+
 def _build(cls: type, values: dict, where: str, source: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{source}: '{where.rstrip('.') or 'top level'}' must be a mapping, "
+                          f"got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
@@ -223,13 +240,15 @@ def _build(cls: type, values: dict, where: str, source: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, key + ".", source)
             continue
+        if tp is float and isinstance(value, str):
+            value = _yaml_float(value)
         if not _type_ok(value, tp):
             want = getattr(tp, "__name__", str(tp))
             raise ConfigError(f"{source}: key '{key}' must be {want}, got {value!r}")
         if tp is float and isinstance(value, int):
             value = float(value)
         check = f.metadata.get("check")
-        if check is not None and value is not None and not check(value):
+        if check is not None and value is not None and not _passes(check, value):
             raise ConfigError(f"{source}: key '{key}' = {value!r} is out of range: must be {f.metadata['rule']}")
         kwargs[name] = value
     return cls(**kwargs)

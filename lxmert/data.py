@@ -220,6 +220,9 @@ def load_data(cfg: Config, log=print, names: Optional[dict] = None) -> Data:
 
 
 def loader(dataset: VQADataset, sampler: BatchSampler, num_workers: int, pin: bool):
-    """A DataLoader that yields whole batches built by the dataset (workers share the memory map)."""
+    """A DataLoader that yields whole batches built by the dataset (workers share the memory map).
+
+    It gets a generator of its own: starting an iterator draws a seed from it, and drawing from the
+    global RNG would shift dropout after a resume in the middle of an epoch."""
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
-                                       pin_memory=pin, persistent_workers=False)
+                                       pin_memory=pin, persistent_workers=False, generator=torch.Generator())

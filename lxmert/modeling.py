@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .io import InputError
 
 log = logging.getLogger(__name__)
 MODALITIES = ("language", "vision", "cross", "pooler", "head")
@@ -91,7 +92,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: i
         expected = model.encoder.config.visual_feat_dim if cfg.family == "lxmert" else \
             model.encoder.config.visual_embedding_dim
         if expected != feat_dim:
-            raise ValueError(f"pretrained model {cfg.pretrained} expects {expected}-d region features, "
+            raise InputError(f"pretrained model {cfg.pretrained} expects {expected}-d region features, "
                              f"the feature store has {feat_dim}")
     return model
 

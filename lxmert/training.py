@@ -73,9 +73,15 @@ class _Objective(nn.Module):
         return self.loss(logits.float(), batch["target"], pooled.float(), batch["qtype"])
 
 
+def _decays(name: str, p: nn.Parameter) -> bool:
+    """Weight decay on matrices only: not biases, LayerNorms, or mask scores (decay would pull kept
+    scores under the mask threshold regardless of the loss)."""
+    return p.ndim >= 2 and not any(k in name for k in ("LayerNorm", "layer_norm", "scores"))
+
+
 def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    decay = [p for n, p in named if p.ndim >= 2 and "LayerNorm" not in n and "layer_norm" not in n]
-    other = [p for n, p in named if not (p.ndim >= 2 and "LayerNorm" not in n and "layer_norm" not in n)]
+    decay = [p for n, p in named if _decays(n, p)]
+    other = [p for n, p in named if not _decays(n, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
@@ -119,6 +125,7 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.train.warmup * total), total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg.train.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.loss_sum, self.loss_count = 0.0, 0
         self.history: list[dict] = []
         self.best = -1.0
         self.runner = self._wrap()
@@ -129,7 +136,9 @@ class Trainer:
             runner = torch.compile(runner)
         if dist.active():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids)
+            # The pooled output never uses the vision half of the last cross layer: those parameters
+            # get no gradient, which DDP must be told about.
+            runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids, find_unused_parameters=True)
         return runner
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -147,7 +156,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "history": self.history, "best": self.best,
-            "rng": _rng_state()})
+            "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": _rng_state()})
 
     def _resume(self) -> None:
         state_path = self.folder / "last" / "trainer.pt"
@@ -162,6 +171,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history, self.best = list(state["history"]), state["best"]
+        self.loss_sum, self.loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
         _set_rng_state(state["rng"])
         log.info("%s: resumed from %s at epoch %d, step %d", self.spec.tag, self.folder / "last",
                  self.epoch + 1, self.step)
@@ -203,7 +213,8 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
         batches = loader(self.train, self.sampler, self.cfg.data.num_workers, self.device.type == "cuda")
         self.objective.train()
-        total, count = 0.0, 0
+        if self.batch_in_epoch == 0:
+            self.loss_sum, self.loss_count = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=quiet(), leave=False)
         for batch in bar:
             batch = to_device(batch, self.device)
@@ -214,11 +225,11 @@ class Trainer:
                                        f"(epoch {self.epoch + 1}); last good checkpoint: {self.folder / 'last'}")
             self.scaler.scale(loss / cfg.grad_accum).backward()
             self.batch_in_epoch += 1
-            total, count = total + loss.item(), count + 1
+            self.loss_sum, self.loss_count = self.loss_sum + loss.item(), self.loss_count + 1
             if self.batch_in_epoch % cfg.grad_accum == 0:
                 self._optimizer_step()
-                bar.set_postfix(loss=f"{total / count:.3f}")
-        return round(dist.mean(total / max(count, 1)), 6)
+                bar.set_postfix(loss=f"{self.loss_sum / self.loss_count:.3f}")
+        return round(dist.mean(self.loss_sum / max(self.loss_count, 1)), 6)
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg.train
@@ -267,7 +278,7 @@ def setup_logging(cfg: Config) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     logger.addHandler(console)
-    logging.getLogger("lxmert.modeling").setLevel(logging.INFO)
+    logging.getLogger("lxmert.modeling").setLevel(logging.INFO if dist.is_main() else logging.WARNING)
     if dist.is_main():
         cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(cfg.log_path)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Sourced by the run/*.bash scripts: makes sure a Python environment with the requirements exists and
+# exports PY (the interpreter to use). Uses the current Python when it already satisfies
+# requirements.txt; otherwise creates .venv. On a machine without CUDA it installs the CPU build of
+# torch==2.13.0 first, so pip never pulls a multi-GB CUDA wheel.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+_satisfied() {
+  "$1" - "$ROOT/requirements.txt" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    sys.exit(1)
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    req = Requirement(line)
+    try:
+        if not req.specifier.contains(version(req.name), prereleases=True):
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PY
+}
+
+SYSTEM_PY="$(command -v python3 || command -v python)"
+if [ -x "$ROOT/.venv/bin/python" ] && _satisfied "$ROOT/.venv/bin/python"; then
+  PY="$ROOT/.venv/bin/python"
+elif _satisfied "$SYSTEM_PY"; then
+  PY="$SYSTEM_PY"
+else
+  echo "setup: creating $ROOT/.venv and installing requirements.txt" >&2
+  [ -x "$ROOT/.venv/bin/python" ] || "$SYSTEM_PY" -m venv "$ROOT/.venv"
+  PY="$ROOT/.venv/bin/python"
+  "$PY" -m pip install -q --upgrade pip >&2
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+      "$PY" -m pip install -q "torch>=2.4,<=2.13.0" >&2
+    else
+      "$PY" -m pip install -q "torch==2.13.0" >&2
+    fi
+  fi
+  "$PY" -m pip install -q -r "$ROOT/requirements.txt" >&2
+fi
+export PY

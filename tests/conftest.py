@@ -1,0 +1,126 @@
+"""Shared fixtures: one tiny embedded benchmark per session and a tiny config that points at it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from lxmert.benchmark import ensure_embedded
+from lxmert.config import Config, EmbeddedConfig, load_config
+
+# One intra-op thread: the models are tiny, and on 2 shared cores a second OpenMP thread that waits
+# for a busy core made training steps up to 100x slower.
+torch.set_num_threads(1)
+
+# Sizes chosen so that every split is small but all question types still occur, and the training
+# split (400) is a multiple of the batch size (32 does not divide it; 40 and 20 do).
+TINY_DATA = {"train_questions": 400, "valid_questions": 150, "test_questions": 150,
+             "cp_train_questions": 150, "cp_valid_questions": 150, "cp_test_questions": 150,
+             "num_regions": 8, "feat_dim": 16, "min_objects": 2, "max_objects": 5}
+
+
+def tiny_overrides(root: str | Path, experiment: str = "tiny", epochs: int = 1, batch_size: int = 40,
+                   extra: Optional[list[str]] = None) -> list[str]:
+    """`key=value` overrides of a tiny, deterministic experiment on the session's dataset."""
+    items = [f"experiment={experiment}", "seeds=[0]", f"data.root={root}",
+             *(f"data.embedded.{k}={v}" for k, v in TINY_DATA.items()),
+             "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
+             "model.l_layers=1", "model.x_layers=1", "model.r_layers=1", "model.dropout=0.0",
+             f"train.epochs={epochs}", f"train.batch_size={batch_size}", "train.lr=0.001",
+             "train.eval_batch_size=200", "train.warmup=0.1", "blind_epochs=2",
+             "lottery.levels=[0.3,0.6]"]
+    return items + list(extra or [])
+
+
+def tiny_config(root: str | Path, **kwargs) -> Config:
+    return load_config(None, tiny_overrides(root, **kwargs))
+
+
+def tiny_yaml(path: Path, root: str | Path, **kwargs) -> Path:
+    """The tiny experiment written as a YAML file (for the command line)."""
+    import yaml
+
+    cfg = tiny_config(root, **kwargs)
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_root(tmp_path_factory) -> Path:
+    """The tiny embedded benchmark, generated once for the whole session (read-only for tests)."""
+    root = tmp_path_factory.mktemp("data") / "embedded"
+    ensure_embedded(EmbeddedConfig(**TINY_DATA), root, log=lambda _: None)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(embedded_root) -> Config:
+    return tiny_config(embedded_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(embedded_root):
+    """The loaded splits of the tiny config (loading is read-only, so tests may share it)."""
+    from lxmert.data import load_data
+
+    return load_data(tiny_config(embedded_root), log=lambda _: None)
+
+
+@pytest.fixture(autouse=True)
+def _reset_run_logging():
+    """Runs attach file loggers and a metrics path relative to the working directory: drop them after
+    each test so a later test in another directory never appends to them."""
+    yield
+    import logging
+
+    from lxmert import training
+
+    logger = logging.getLogger("lxmert")
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+    training._METRICS_PATH = None
+
+
+LOTTERY_EXTRA = ["lottery.modes=[low_magnitude,random,high_magnitude]", "lottery.levels=[0.3,0.6]"]
+
+
+@pytest.fixture(scope="session")
+def lottery_run(embedded_root, tmp_path_factory):
+    """One tiny lottery study (3 modes x 2 levels, 1 epoch each), run in its own working directory.
+
+    Shared by the lottery tests and as the single-process reference of the distributed and
+    kill-and-resume tests. Returns (working directory, config, result)."""
+    import os
+
+    from lxmert.lottery import run_lottery
+
+    workdir = tmp_path_factory.mktemp("lottery")
+    cfg = tiny_config(embedded_root, extra=LOTTERY_EXTRA)
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        result = run_lottery(cfg)
+    finally:
+        os.chdir(old)
+    return workdir, cfg, result
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict:
+    """Environment of a `python -m lxmert` subprocess: this checkout importable, one thread, no bars."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(OMP_NUM_THREADS="1", CI="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Lottery rows without their wall-clock time."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]

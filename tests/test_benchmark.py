@@ -1,0 +1,166 @@
+"""The embedded benchmark: deterministic files, VQA-like labels, IID vs changing-priors splits."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lxmert import benchmark
+from lxmert.benchmark import ensure_embedded
+from lxmert.config import EmbeddedConfig
+from lxmert.data import load_tokenizer
+from lxmert.features import FeatureStore
+
+from conftest import tiny_config
+
+SMALL = dict(train_questions=60, valid_questions=20, test_questions=20, cp_train_questions=30,
+             cp_valid_questions=20, cp_test_questions=20, num_regions=6, feat_dim=8, max_objects=4)
+SPLITS = ["train", "minival", "test", "cp_train", "cp_minival", "cp_test"]
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _questions(root: Path, split: str) -> list[dict]:
+    return json.loads((root / f"{split}.json").read_text())
+
+
+def _answer_counts(questions: list[dict]) -> dict[str, Counter]:
+    """Per question type, how often each answer is the question's top-scoring answer."""
+    out: dict[str, Counter] = defaultdict(Counter)
+    for q in questions:
+        out[q["question_type"]][max(q["label"], key=q["label"].get)] += 1
+    return out
+
+
+def _tvd(a: Counter, b: Counter) -> float:
+    na, nb = sum(a.values()), sum(b.values())
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    first = ensure_embedded(EmbeddedConfig(seed=7, **SMALL), tmp_path / "a", log=lambda _: None)
+    second = ensure_embedded(EmbeddedConfig(seed=7, **SMALL), tmp_path / "b", log=lambda _: None)
+    h1, h2 = _hashes(first), _hashes(second)
+    assert {"features/features.npy", "features/boxes.npy", "train.json", "cp_test.json", "meta.json",
+            "trainval_ans2label.json", "tokenizer/vocab.txt"} <= set(h1)
+    assert h1 == h2
+    other = ensure_embedded(EmbeddedConfig(seed=8, **SMALL), tmp_path / "c", log=lambda _: None)
+    h3 = _hashes(other)
+    assert h3["features/features.npy"] != h1["features/features.npy"]
+    assert h3["train.json"] != h1["train.json"]
+
+
+def test_split_sizes_and_unique_ids(embedded_root):
+    sizes = {s: len(_questions(embedded_root, s)) for s in SPLITS}
+    assert sizes == {"train": 400, "minival": 150, "test": 150, "cp_train": 150, "cp_minival": 150, "cp_test": 150}
+    ids = [q["question_id"] for s in SPLITS for q in _questions(embedded_root, s)]
+    assert len(ids) == len(set(ids))
+    store = FeatureStore(embedded_root / "features")
+    assert all(q["img_id"] in store for s in SPLITS for q in _questions(embedded_root, s))
+    assert (store.num_boxes, store.feat_dim) == (8, 16)
+
+
+def test_soft_labels_question_and_answer_types(embedded_root):
+    questions = [q for s in SPLITS for q in _questions(embedded_root, s)]
+    scores = Counter(v for q in questions for v in q["label"].values())
+    assert set(scores) == {0.3, 0.6, 0.9, 1.0}
+    assert all(q["label"] and max(q["label"].values()) >= 0.6 for q in questions)
+    assert {q["answer_type"] for q in questions} == {"yes/no", "number", "other"}
+    assert len({q["question_type"] for q in questions}) >= 5
+    assert all(set(q) == {"answer_type", "img_id", "label", "question_id", "question_type", "sent"}
+               for q in questions)
+
+
+def test_answer_vocab_covers_every_training_answer(embedded_root):
+    ans2label = json.loads((embedded_root / "trainval_ans2label.json").read_text())
+    label2ans = json.loads((embedded_root / "trainval_label2ans.json").read_text())
+    assert sorted(ans2label.values()) == list(range(len(ans2label)))
+    assert all(label2ans[i] == a for a, i in ans2label.items())
+    train_answers = {a for s in ("train", "cp_train") for q in _questions(embedded_root, s) for a in q["label"]}
+    assert train_answers == set(ans2label)
+
+
+def test_iid_splits_share_priors_and_cp_test_shifts_them(embedded_root):
+    train = _answer_counts(_questions(embedded_root, "train"))
+    held_out = _answer_counts(_questions(embedded_root, "minival") + _questions(embedded_root, "test"))
+    assert max(_tvd(train[t], held_out[t]) for t in train) < 0.3
+    cp_train = _answer_counts(_questions(embedded_root, "cp_train"))
+    cp_valid = _answer_counts(_questions(embedded_root, "cp_minival"))
+    cp_test = _answer_counts(_questions(embedded_root, "cp_test"))
+    shifted = [_tvd(cp_train[t], cp_test[t]) for t in cp_train]
+    assert sum(d > 0.5 for d in shifted) >= len(shifted) - 1 and np.mean(shifted) > 0.6
+    assert max(_tvd(cp_train[t], cp_valid[t]) for t in cp_train) < 0.3
+
+
+def test_answer_distribution_halves():
+    """CP answer probabilities put exactly `skew` of the mass on one half, the other half at test."""
+    t = next(t for t in benchmark.TEMPLATES if t.qtype == "what color is the")
+    train = benchmark.answer_distribution(t, "cp", False, 0.9, 1234)
+    test = benchmark.answer_distribution(t, "cp", True, 0.9, 1234)
+    np.testing.assert_allclose([train.sum(), test.sum()], 1.0)
+    heavy = train > 1 / len(train)
+    assert heavy.sum() == 3 and train[heavy].sum() == pytest.approx(0.9) and test[~heavy].sum() == pytest.approx(0.9)
+    np.testing.assert_allclose(benchmark.answer_distribution(t, "iid", False, 0.9, 1234), 1 / 6)
+
+
+def test_boxes_are_normalised(embedded_root):
+    boxes = np.load(embedded_root / "features" / "boxes.npy")
+    assert boxes.shape == (len(FeatureStore(embedded_root / "features")), 8, 4)
+    assert boxes.min() >= 0.0 and boxes.max() <= 1.0
+    assert np.all(boxes[..., 2] > boxes[..., 0]) and np.all(boxes[..., 3] > boxes[..., 1])
+
+
+def test_tokenizer_vocabulary_and_no_unknown_words(embedded_root):
+    tok = load_tokenizer(tiny_config(embedded_root))
+    lines = (embedded_root / "tokenizer" / "vocab.txt").read_text().splitlines()
+    assert len(tok) == len(lines) > 20
+    sentences = [q["sent"] for s in SPLITS for q in _questions(embedded_root, s)]
+    ids = tok(sentences)["input_ids"]
+    assert all(tok.unk_token_id not in row for row in ids)
+    assert tok.convert_ids_to_tokens(ids[0])[0] == "[CLS]" and "?" in tok.tokenize(sentences[0])
+
+
+def test_existing_benchmark_is_reused_and_other_parameters_regenerate(tmp_path):
+    messages: list[str] = []
+    root = ensure_embedded(EmbeddedConfig(**SMALL), tmp_path / "e", log=messages.append)
+    stamp = (root / "features" / "features.npy").stat().st_mtime_ns
+    ensure_embedded(EmbeddedConfig(**SMALL), root, log=messages.append)
+    assert (root / "features" / "features.npy").stat().st_mtime_ns == stamp and len(messages) == 1
+    ensure_embedded(EmbeddedConfig(seed=99, **SMALL), root, log=messages.append)
+    assert json.loads((root / "meta.json").read_text())["seed"] == 99
+    assert any("other parameters" in m for m in messages)
+
+
+def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
+    original = benchmark.Generator.write
+
+    def write_then_fail(self, root):
+        original(self, root)
+        assert (root / "features" / "features.npy").exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark.Generator, "write", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_embedded(EmbeddedConfig(**SMALL), tmp_path / "e", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_regeneration_keeps_the_old_benchmark(tmp_path, monkeypatch):
+    root = ensure_embedded(EmbeddedConfig(**SMALL), tmp_path / "e", log=lambda _: None)
+    before = _hashes(root)
+
+    def fail(self, folder):
+        (folder / "train.json").write_text("[")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(benchmark.Generator, "write", fail)
+    with pytest.raises(RuntimeError):
+        ensure_embedded(EmbeddedConfig(seed=5, **SMALL), root, log=lambda _: None)
+    assert _hashes(root) == before and [p.name for p in tmp_path.iterdir()] == ["e"]

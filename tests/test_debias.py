@@ -1,0 +1,113 @@
+"""The compress-and-debias driver on a tiny embedded benchmark: rows, exact mask sparsity per modality,
+stage 3 keeping the mask, nothing recomputed on a rerun, and stage 2 on VisualBERT."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from lxmert.debias import run_debias
+from lxmert.io import load_tensors, read_json
+from lxmert.masks import load_mask, measure_mask
+
+MODALITY_SETTING = [0.3, 0.5, 0.7, 0.2]
+TARGETS = {"s50": dict.fromkeys(["language", "vision", "cross", "pooler"], 0.5),
+           "l30-v50-x70-p20": dict(zip(["language", "vision", "cross", "pooler"], MODALITY_SETTING))}
+
+
+def _config(root: Path, experiment: str, extra: list[str] = ()):
+    """The session's tiny experiment on the changing-priors splits, with a one-epoch debias grid."""
+    grid = ["data.train=[cp_train]", "data.valid=cp_minival", "data.test=[test,cp_test]", "lottery.scope=layer",
+            "debias.stage1_losses=[bce]", "debias.stage2_losses=[lpf]", "debias.sparsities=[0.5]",
+            f"debias.modality_sparsities=[{MODALITY_SETTING}]", "debias.stage2_epochs=1",
+            "debias.stage3_epochs=1", "debias.reset_every=3"]
+    return tiny_config(root, experiment=experiment, extra=grid + list(extra))
+
+
+@pytest.fixture(scope="module")
+def study(embedded_root, tmp_path_factory):
+    """One finished lxmert study in its own working folder: (folder, config, result)."""
+    folder = tmp_path_factory.mktemp("debias")
+    cfg = _config(embedded_root, "cp_tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        result = run_debias(cfg)
+    return folder, cfg, result
+
+
+def _seed_dir(folder: Path, experiment: str) -> Path:
+    return folder / "models" / experiment / "seed_0"
+
+
+def test_rows_cover_the_grid(study):
+    folder, cfg, result = study
+    got = sorted((r["setting"], r["stage"], r["sparsity_tag"], r["stage2_loss"]) for r in result["rows"])
+    assert got == sorted([("bce", "full", "full", None), ("lottery", "lottery", "s50", None)]
+                         + [("bce-lpf", stage, tag, "lpf") for stage in ("stage2", "stage3") for tag in TARGETS])
+    assert read_json(folder / "result" / "cp_tiny" / "debias.json") == result
+    assert result["test_splits"] == ["test", "cp_test"]
+    for r in result["rows"]:
+        assert set(r["final"]) == set(r["best"]) == {"test", "cp_test"}
+        for acc in list(r["final"].values()) + list(r["best"].values()):
+            assert 0 <= acc["overall"] <= 100 and {"yes/no", "number", "other"} <= set(acc)
+        assert set(r["blind"]) == {"cp_minival", "test", "cp_test"}
+        assert r["valid_split"] == "cp_minival" and 0 <= r["valid"] <= 100
+    for name in ("debias_table.md", "debias_table.png", "debias_cp_test.png", "debias_test.png"):
+        assert (folder / "result" / "cp_tiny" / name).stat().st_size > 0
+
+
+def test_saved_masks_meet_their_per_modality_targets(study):
+    folder, _, result = study
+    for tag, target in TARGETS.items():
+        mask, modalities = load_mask(_seed_dir(folder, "cp_tiny") / "bce-lpf" / tag / "stage2" / "mask.safetensors")
+        assert set(modalities.values()) == set(target)
+        report = measure_mask(mask, modalities)
+        for modality, sparsity in target.items():
+            assert report["by_modality"][modality] == pytest.approx(100 * sparsity, abs=0.1), (tag, modality)
+        row = next(r for r in result["rows"] if r["stage"] == "stage2" and r["sparsity_tag"] == tag)
+        for modality, sparsity in target.items():
+            assert row["measured_by_modality"][modality] == pytest.approx(sparsity, abs=1e-3)
+
+
+def test_stage3_keeps_the_stage2_mask(study):
+    folder, _, result = study
+    for tag in TARGETS:
+        setting = _seed_dir(folder, "cp_tiny") / "bce-lpf" / tag
+        mask, _ = load_mask(setting / "stage2" / "mask.safetensors")
+        weights = load_tensors(setting / "stage3" / "run" / "final" / "model.safetensors")
+        pruned = sum(int((~m).sum()) for m in mask.values())
+        zeros = sum(int((weights[name] == 0).sum()) for name in mask)
+        assert pruned > 0 and zeros == pruned
+        assert all(bool((weights[name][~m] == 0).all()) for name, m in mask.items())
+        stage2 = load_tensors(setting / "stage2" / "pruned.safetensors")
+        assert any(not torch.equal(weights[k], stage2[k]) for k in mask)  # stage 3 did train
+    lottery = next(r for r in result["rows"] if r["stage"] == "lottery")
+    assert lottery["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_rerun_recomputes_nothing(study, monkeypatch):
+    folder, cfg, result = study
+    files = sorted(p for pattern in ("result.json", "done.json", "*.safetensors")
+                   for p in (folder / "models").rglob(pattern))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    monkeypatch.chdir(folder)
+    again = run_debias(cfg)
+    assert again["rows"] == result["rows"]
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    assert sorted(p for pattern in ("result.json", "done.json", "*.safetensors")
+                  for p in (folder / "models").rglob(pattern)) == files
+
+
+def test_stage2_on_visualbert(embedded_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(embedded_root, "cp_vb", ["model.family=visualbert", "model.num_hidden_layers=1",
+                                           "debias.stage2_losses=[bce]", "debias.modality_sparsities=[]",
+                                           "debias.stage3=false", "debias.lottery_baseline=false"])
+    result = run_debias(cfg)
+    assert sorted((r["setting"], r["stage"]) for r in result["rows"]) == [("bce", "full"), ("bce-bce", "stage2")]
+    mask, modalities = load_mask(_seed_dir(tmp_path, "cp_vb") / "bce-bce" / "s50" / "stage2" / "mask.safetensors")
+    report = measure_mask(mask, modalities)
+    assert set(report["by_modality"]) == {"vision", "cross", "pooler"}
+    assert all(v == pytest.approx(50.0, abs=0.1) for v in report["by_modality"].values())

@@ -1,0 +1,135 @@
+"""The lottery driver: its files, rows, exact sparsities, nesting masks, and reruns that recompute nothing."""
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+
+from lxmert import finetune, lottery, training
+from lxmert.io import load_tensors
+from lxmert.masks import full_mask, load_mask
+from lxmert.modeling import build_model, prunable_tensors
+from lxmert.pruning import prune
+
+MODES = ["low_magnitude", "random", "high_magnitude"]
+ROW_KEYS = {"mode", "seed", "target_sparsity", "measured_sparsity", "accuracy_pruned", "accuracy_rewound",
+            "accuracy_retrained", "accuracy_retrained_best", "accuracy_dense", "accuracy_blind"}
+
+
+def _level(workdir, mode: str, level: int):
+    return workdir / "models" / "tiny" / "seed_0" / "iterative_global" / mode / f"level_{level}"
+
+
+def test_result_files(lottery_run):
+    workdir, _, _ = lottery_run
+    out = workdir / "result" / "tiny"
+    expected = {"lottery.json", "lottery.csv", "lottery_table.md", "lottery_table.png", "lottery_all.png",
+                "finetune.json", "finetune.png", "predictions_seed0_minival.json", "predictions_seed0_test.json"}
+    expected |= {f"lottery_{m}.png" for m in MODES}
+    assert {p.name for p in out.iterdir()} == expected
+    assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in expected if n.endswith(".png"))
+    assert (workdir / "logs" / "tiny.log").exists() and (workdir / "logs" / "tiny.jsonl").exists()
+    assert not [p for p in workdir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_rows_and_sparsities(lottery_run):
+    workdir, _, result = lottery_run
+    saved = json.loads((workdir / "result" / "tiny" / "lottery.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    rows = saved["rows"]
+    assert [(r["mode"], r["target_sparsity"]) for r in rows] == [(m, s) for m in MODES for s in (0.3, 0.6)]
+    for r in rows:
+        assert ROW_KEYS <= set(r) and r["seed"] == 0
+        assert abs(r["measured_sparsity"] - r["target_sparsity"]) <= 0.001
+        assert all(0 <= r[k] <= 100 for k in ROW_KEYS if k.startswith("accuracy"))
+        assert r["accuracy_retrained_best"] >= r["accuracy_retrained"]
+        assert set(r["measured_by_modality"]) == {"overall", "language", "vision", "cross", "pooler"}
+    assert (saved["schedule"], saved["scope"], saved["valid_split"]) == ("iterative", "global", "minival")
+
+
+def test_baselines_are_reported(lottery_run):
+    workdir, _, result = lottery_run
+    ft = json.loads((workdir / "result" / "tiny" / "finetune.json").read_text())
+    seed = ft["seeds"]["0"]
+    assert result["dense"]["accuracy"]["mean"] == seed["final"]["overall"]
+    assert result["dense"]["blind"]["mean"] == seed["blind"]["minival"]["overall"]
+    assert all(r["accuracy_dense"] == seed["final"]["overall"] for r in result["rows"])
+    assert all(r["accuracy_blind"] == seed["blind"]["minival"]["overall"] for r in result["rows"])
+    assert set(seed["blind"]) == {"minival", "test"} and seed["blind"]["test"]["questions"] == 150
+    assert {"final", "best", "best_epoch", "blind", "epochs", "test"} <= set(seed)
+    assert [e["epoch"] for e in seed["epochs"]] == [1] and seed["epochs"][0]["valid"] == seed["final"]["overall"]
+    assert seed["test"]["test"]["questions"] == 150 and ft["valid_split"] == "minival"
+
+
+def test_predictions_json(lottery_run, embedded_root):
+    workdir, _, _ = lottery_run
+    preds = json.loads((workdir / "result" / "tiny" / "predictions_seed0_minival.json").read_text())
+    questions = json.loads((embedded_root / "minival.json").read_text())
+    vocab = json.loads((embedded_root / "trainval_ans2label.json").read_text())
+    assert isinstance(preds, list) and [p["question_id"] for p in preds] == [q["question_id"] for q in questions]
+    assert all(set(p) == {"question_id", "answer"} and p["answer"] in vocab for p in preds)
+
+
+def test_csv_and_table_come_from_the_json(lottery_run):
+    workdir, _, result = lottery_run
+    out = workdir / "result" / "tiny"
+    with open(out / "lottery.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(result["rows"])
+    for line, row in zip(table, result["rows"]):
+        assert line["mode"] == row["mode"] and float(line["measured_sparsity"]) == row["measured_sparsity"]
+        assert float(line["accuracy_retrained"]) == row["accuracy_retrained"]
+        assert float(line["measured_language"]) == row["measured_by_modality"]["language"]
+    md = (out / "lottery_table.md").read_text()
+    low60 = next(r for r in result["rows"] if r["mode"] == "low_magnitude" and r["target_sparsity"] == 0.6)
+    assert "| 60 | " in md and f"{low60['accuracy_retrained']:.2f} ± 0.00" in md
+    assert "question-only" in md and f"{result['dense']['blind']['mean']:.2f}" in md
+
+
+def test_masks_nest_match_the_weights_and_prune_the_dense_model(lottery_run, tiny_data):
+    workdir, cfg, _ = lottery_run
+    model = build_model(cfg.model, len(tiny_data.tokenizer), 16, tiny_data.num_answers)
+    prunable = prunable_tensors(model)
+    dense = workdir / "models" / "tiny" / "seed_0" / "dense" / "final" / "model.safetensors"
+    model.load_state_dict(load_tensors(dense))
+    first = load_mask(_level(workdir, "low_magnitude", 30) / "mask.safetensors")[0]
+    expected = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.3, "global")
+    assert all(torch.equal(first[k], expected[k]) for k in expected), "level 1 prunes the dense fine-tuned model"
+    for mode in MODES:
+        m30 = load_mask(_level(workdir, mode, 30) / "mask.safetensors")[0]
+        m60, modalities = load_mask(_level(workdir, mode, 60) / "mask.safetensors")
+        assert all(torch.all(m60[k] <= m30[k]) for k in m30)
+        weights = load_tensors(_level(workdir, mode, 60) / "run" / "final" / "model.safetensors")
+        assert all(torch.all(weights[k][~m60[k]] == 0) for k in m60), "pruned weights are zero after retraining"
+        assert not (_level(workdir, mode, 60) / "run" / "last").exists(), "optimizer state is dropped when done"
+        sparsity = json.loads((_level(workdir, mode, 60) / "sparsity.json").read_text())
+        assert sparsity["zeros"] >= sum(int((~v).sum()) for v in m60.values())
+        assert set(modalities.values()) == {"language", "vision", "cross", "pooler"}
+
+
+def test_rerun_recomputes_nothing(lottery_run, monkeypatch):
+    workdir, cfg, result = lottery_run
+    monkeypatch.chdir(workdir)
+    stamps = {p: p.stat().st_mtime_ns for p in (workdir / "models").rglob("*.json")}
+    stamps |= {p: p.stat().st_mtime_ns for p in (workdir / "models").rglob("*.safetensors")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished study must not train again")
+
+    monkeypatch.setattr(training.Trainer, "_epoch", refuse)
+    monkeypatch.setattr(finetune, "train_blind", refuse)
+    monkeypatch.setattr(lottery, "prune", refuse)
+    again = lottery.run_lottery(cfg)
+    assert again["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_redraw_rebuilds_the_table_from_json(lottery_run, monkeypatch):
+    workdir, cfg, _ = lottery_run
+    monkeypatch.chdir(workdir)
+    md = workdir / "result" / "tiny" / "lottery_table.md"
+    before = md.read_text()
+    md.unlink()
+    lottery.redraw(cfg)
+    assert md.read_text() == before

@@ -1,0 +1,181 @@
+"""The training loop: masks stay enforced, runs repeat exactly, resumption is exact, divergence stops."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from lxmert.finetune import Context
+from lxmert.io import InputError, load_state, load_tensors, save_tensors
+from lxmert.masks import full_mask
+from lxmert.modeling import build_model, prunable_tensors
+from lxmert.pruning import prune
+from lxmert.training import RunSpec, Trainer, TrainingDiverged, check_compatible, load_weights
+
+from conftest import tiny_config
+
+STEPS_PER_EPOCH = 10  # 400 training questions, batch 40
+
+
+@pytest.fixture(scope="module")
+def ctx(embedded_root, tiny_data):
+    """Dropout on, so exact repetition also needs the RNG state to be restored."""
+    return Context(tiny_config(embedded_root, extra=["model.dropout=0.1", "train.weight_decay=0.1"]), tiny_data)
+
+
+def _fit(ctx, folder, epochs=2, seed=0, **spec_kwargs):
+    model = ctx.new_model(seed)
+    spec = RunSpec(folder=folder, seed=seed, loss=ctx.loss("bce", model), epochs=epochs, lr=ctx.cfg.train.lr,
+                   tag="test", **spec_kwargs)
+    return model, Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+
+
+def _without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def reference(ctx, tmp_path_factory):
+    """An uninterrupted two-epoch run."""
+    folder = tmp_path_factory.mktemp("reference") / "run"
+    model, summary = _fit(ctx, folder)
+    return folder, model, summary
+
+
+def test_run_writes_checkpoints_and_summary(reference):
+    folder, model, summary = reference
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
+    assert [r["step"] for r in summary["history"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["final"] == summary["history"][-1]["valid"]
+    assert summary["final"]["questions"] == 150 and 0 <= summary["final"]["overall"] <= 100
+    for name in ("last/model.safetensors", "last/trainer.pt", "best/model.safetensors", "done.json"):
+        assert (folder / name).exists(), name
+    assert load_state(folder / "last" / "trainer.pt")["step"] == 2 * STEPS_PER_EPOCH
+
+
+def test_pruned_weights_stay_exactly_zero(ctx, tmp_path):
+    model = ctx.new_model(0)
+    prunable = prunable_tensors(model)
+    mask = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.5, "global")
+    pruned_count = sum(int((~m).sum()) for m in mask.values())
+    before = {t.name: model.get_parameter(t.name).detach().clone() for t in prunable}
+    zeros_seen = []
+
+    def check(step: int) -> None:
+        zeros = sum(int((model.get_parameter(n)[~m] == 0).sum()) for n, m in mask.items())
+        zeros_seen.append(zeros)
+
+    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model), epochs=1, lr=ctx.cfg.train.lr,
+                   masks=mask, after_step=check, tag="masked")
+    Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+    assert zeros_seen == [pruned_count] * STEPS_PER_EPOCH
+    moved = sum(int((model.get_parameter(n)[m] != before[n][m]).sum()) for n, m in mask.items())
+    assert moved > 0.5 * sum(int(m.sum()) for m in mask.values()), "the kept weights must train"
+
+    # Without enforcement the same run regrows the pruned weights (AdamW momentum + weight decay).
+    regrown = ctx.new_model(0)
+    for name, keep in mask.items():
+        with torch.no_grad():
+            regrown.get_parameter(name).masked_fill_(~keep, 0)
+    spec = RunSpec(folder=tmp_path / "free", seed=0, loss=ctx.loss("bce", regrown), epochs=1, lr=ctx.cfg.train.lr,
+                   tag="free")
+    Trainer(ctx.cfg, regrown, ctx.data.train, ctx.data.valid, spec).fit()
+    assert sum(int((regrown.get_parameter(n)[~m] == 0).sum()) for n, m in mask.items()) < pruned_count // 2
+
+
+def test_fixed_seed_run_repeats_exactly(ctx, reference, tmp_path):
+    _, model, summary = reference
+    again, summary_again = _fit(ctx, tmp_path / "run")
+    assert _same_weights(model, again)
+    assert _without_seconds(summary_again["history"]) == _without_seconds(summary["history"])
+    other, _ = _fit(ctx, tmp_path / "other", seed=1)
+    assert not _same_weights(model, other)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _raise_at(step_to_fail: int):
+    def after_step(step: int) -> None:
+        if step == step_to_fail:
+            raise Interrupt(step)
+    return after_step
+
+
+@pytest.mark.parametrize("save_every, fail_at, resumed_at", [(0, STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH),
+                                                              (4, STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH + 2)])
+def test_interrupted_run_resumes_exactly(ctx, reference, tmp_path, save_every, fail_at, resumed_at):
+    _, model, summary = reference
+    folder = tmp_path / "run"
+    ctx.cfg.train.save_every_steps = save_every
+    try:
+        with pytest.raises(Interrupt):
+            _fit(ctx, folder, after_step=_raise_at(fail_at))
+        assert not (folder / "done.json").exists()
+        state = load_state(folder / "last" / "trainer.pt")
+        assert state["step"] == resumed_at and len(state["history"]) == 1
+        steps = []
+        resumed, resumed_summary = _fit(ctx, folder, after_step=steps.append)
+    finally:
+        ctx.cfg.train.save_every_steps = 0
+    assert steps == list(range(resumed_at + 1, 2 * STEPS_PER_EPOCH + 1)), "resumed from the checkpoint"
+    assert _same_weights(model, resumed)
+    assert _without_seconds(resumed_summary["history"]) == _without_seconds(summary["history"])
+    rerun, rerun_summary = _fit(ctx, folder, after_step=steps.append)
+    assert rerun_summary == resumed_summary and steps[-1] == 2 * STEPS_PER_EPOCH, "a finished run is not redone"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ctx, tmp_path):
+    folder = tmp_path / "run"
+    model = ctx.new_model(0)
+
+    def poison(step: int) -> None:
+        if step == STEPS_PER_EPOCH + 2:
+            with torch.no_grad():
+                model.head[3].bias.fill_(float("nan"))
+
+    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model), epochs=2, lr=ctx.cfg.train.lr,
+                   after_step=poison, tag="poisoned")
+    with pytest.raises(TrainingDiverged, match=rf"at step {STEPS_PER_EPOCH + 3} \(epoch 2\)") as info:
+        Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+    assert str(folder / "last") in str(info.value)
+    assert load_state(folder / "last" / "trainer.pt")["step"] == STEPS_PER_EPOCH
+    weights = load_tensors(folder / "last" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (folder / "done.json").exists()
+
+
+def test_weights_of_another_config_are_refused(ctx, tiny_data, tmp_path):
+    model = ctx.new_model(0)
+    path = tmp_path / "model.safetensors"
+    save_tensors(path, model.state_dict())
+    wider = build_model(tiny_config(ctx.cfg.data.root, extra=["model.hidden_size=48"]).model,
+                        len(tiny_data.tokenizer), 16, tiny_data.num_answers)
+    with pytest.raises(InputError, match=r"does not match this config: '.*' has shape \(.*32.*\), "
+                                         r"this config needs \(.*48.*\)") as info:
+        load_weights(wider, path)
+    assert str(path) in str(info.value)
+    fewer = build_model(ctx.cfg.model, len(tiny_data.tokenizer), 16, tiny_data.num_answers - 3)
+    with pytest.raises(InputError, match=rf"'head.3.weight' has shape \({tiny_data.num_answers}, 64\), "
+                                         rf"this config needs \({tiny_data.num_answers - 3}, 64\)"):
+        load_weights(fewer, path)
+    with pytest.raises(InputError, match=r"missing keys \['extra.weight'\], unexpected keys \[\]"):
+        check_compatible({**model.state_dict(), "extra.weight": torch.zeros(1)}, model.state_dict(), path)
+
+
+def test_resume_from_another_config_is_refused(ctx, reference, tiny_data, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(reference[0] / "last", folder / "last")
+    other = Context(tiny_config(ctx.cfg.data.root, extra=["model.intermediate_size=48"]), tiny_data)
+    model = other.new_model(0)
+    spec = RunSpec(folder=folder, seed=0, loss=other.loss("bce", model), epochs=2, lr=1e-3, tag="other")
+    with pytest.raises(InputError, match=r"last/model.safetensors does not match this config: "
+                                         r"'model\..*' has shape"):
+        Trainer(other.cfg, model, tiny_data.train, tiny_data.valid, spec).fit()
