@@ -10,7 +10,8 @@ their answers). The question text's parameters are drawn independently of the an
 that does not look at the image cannot do better than the question-type prior.
 
 Two families of splits:
-  IID: train, minival, test, all drawing answers from the same distribution;
+  IID: train, minival, test, all drawing answers from the same distribution, and pretrain (its own
+  images) on which the embedded stand-in for a pretrained encoder is trained;
   changing priors: cp_train and cp_minival draw most answers of each question type from one half of
   its answers, cp_test from the other half (like VQA-CP v2).
 """
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +28,7 @@ import numpy as np
 from .answers import AnswerVocab, soft_label
 from .config import EmbeddedConfig
 from .features import StoreWriter
-from .io import write_json
+from .io import atomic_folder, write_json
 
 FORMAT_VERSION = 1
 SHAPES = ["cube", "sphere", "cylinder", "cone", "torus", "pyramid"]
@@ -40,6 +39,7 @@ PLURALS = {"cube": "cubes", "sphere": "spheres", "cylinder": "cylinders", "cone"
 MAX_COUNT = 3
 IID_SPLITS = {"train": "train_questions", "minival": "valid_questions", "test": "test_questions"}
 CP_SPLITS = {"cp_train": "cp_train_questions", "cp_minival": "cp_valid_questions", "cp_test": "cp_test_questions"}
+PRETRAIN_SPLIT = ("pretrain", "pretrain_questions")  # last, so that adding it left the other splits unchanged
 
 
 class Scene:
@@ -89,7 +89,7 @@ def _unique(arr: np.ndarray, value: int) -> Optional[int]:
 
 
 def _templates() -> list[Template]:
-    S, C, Z = len(SHAPES), len(COLORS), len(SIZES)
+    S, C = len(SHAPES), len(COLORS)
     yes_no = ["yes", "no"]
     counts = [str(i) for i in range(MAX_COUNT + 1)]
 
@@ -287,6 +287,7 @@ class Generator:
         all_images = []
         specs = [(n, getattr(cfg, a), "iid", False) for n, a in IID_SPLITS.items()]
         specs += [(n, getattr(cfg, a), "cp", n == "cp_test") for n, a in CP_SPLITS.items()]
+        specs.append((PRETRAIN_SPLIT[0], getattr(cfg, PRETRAIN_SPLIT[1]), "iid", False))
         for i, (name, n, family, shifted) in enumerate(specs):
             splits[name], images = self.split(name, n, family, shifted, i + 1)
             all_images += images
@@ -331,16 +332,8 @@ def ensure_embedded(cfg: EmbeddedConfig, root: str | Path, log: Callable[[str], 
         except json.JSONDecodeError:
             pass
         log(f"embedded benchmark in {root} was made with other parameters: regenerating")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_folder(root, overwrite=True) as tmp:
         Generator(cfg).write(tmp)
         write_json(tmp / "meta.json", _signature(cfg))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"generated embedded benchmark in {root} (seed {cfg.seed})")
     return root

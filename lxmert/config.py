@@ -51,6 +51,8 @@ class EmbeddedConfig:
     train_questions: int = _f(6000, "IID training questions", _positive, "> 0")
     valid_questions: int = _f(1000, "IID validation (minival) questions", _positive, "> 0")
     test_questions: int = _f(1000, "IID test questions", _positive, "> 0")
+    pretrain_questions: int = _f(12000, "IID questions on separate images for the stand-in pretraining",
+                                 _positive, "> 0")
     cp_train_questions: int = _f(6000, "changing-priors training questions", _positive, "> 0")
     cp_valid_questions: int = _f(1000, "changing-priors validation questions (train priors)", _positive, "> 0")
     cp_test_questions: int = _f(1500, "changing-priors test questions (shifted priors)", _positive, "> 0")
@@ -91,6 +93,8 @@ class ModelConfig:
                      "one of lxmert, visualbert")
     pretrained: Optional[str] = _f(None, "hub id or local folder with pretrained encoder weights; "
                                    "null for random initialisation")
+    export: Optional[str] = _f(None, "after fine-tuning, save the best model's encoder here with "
+                               "save_pretrained (how the embedded benchmark makes its pretrained encoder)")
     tokenizer: Optional[str] = _f(None, "hub id or folder of a BERT tokenizer; null uses the "
                                   "dataset's own (root/tokenizer)")
     hidden_size: int = _f(128, "hidden size (base: 768)", _positive, "> 0")

@@ -30,7 +30,7 @@ import torch
 from .answers import AnswerVocab, normalize_answer
 from .io import InputError, read_json, save_tensors, write_json
 from .modeling import answer_head
-from .prepare import atomic_folder
+from .io import atomic_folder
 
 ENCODER_PREFIX = "bert."
 HEAD_PREFIX = "answer_head.logit_fc."

@@ -21,7 +21,7 @@ from .blind import train_blind
 from .config import Config
 from .data import Data, load_data
 from .evaluation import accuracy, predict, predictions_json
-from .io import read_json, save_tensors, write_json
+from .io import atomic_folder, read_json, save_tensors, write_json
 from .losses import make_loss, question_type_prior
 from .modeling import VQAModel, build_model
 from .training import RunSpec, Trainer, load_weights, seed_everything, setup_logging
@@ -152,7 +152,20 @@ def run_finetune(cfg: Config, ctx: Optional[Context] = None) -> dict:
     if dist.is_main():
         write_json(cfg.result_dir / "finetune.json", result)
         plot_finetune(result, cfg.result_dir / "finetune.png")
+        if cfg.model.export:
+            export_encoder(ctx, cfg.seeds[0], cfg.model.export)
     return result
+
+
+def export_encoder(ctx: Context, seed: int, folder: str) -> None:
+    """Save the best model's encoder (transformers format) and the tokenizer it was trained with, so
+    another config can start from it with model.pretrained, like from released weights."""
+    model = ctx.new_model(seed)
+    load_weights(model, ctx.seed_dir(seed) / "dense" / "best" / "model.safetensors")
+    with atomic_folder(folder, overwrite=True) as tmp:
+        model.encoder.save_pretrained(str(tmp))
+        ctx.data.tokenizer.save_pretrained(str(tmp))
+    log.info("exported the encoder of seed %d to %s", seed, folder)
 
 
 def write_predictions(ctx: Context, model: VQAModel, seed: int) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -97,3 +98,26 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Atomically write `path` with a function that writes to the temporary path it is given."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `path`; on success it replaces `path`, on any error it
+    is deleted, so readers only ever see a complete folder (a store is many files written for hours)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; remove it or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

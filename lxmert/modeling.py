@@ -53,11 +53,23 @@ class VQAModel(nn.Module):
         return self.head(pooled), pooled
 
 
+def _from_pretrained(cls, source: str) -> nn.Module:
+    """from_pretrained with one clear error when the folder or hub id cannot be loaded."""
+    from .io import InputError
+
+    try:
+        return cls.from_pretrained(source)
+    except OSError as e:
+        raise InputError(f"cannot load pretrained weights '{source}' (model.pretrained): {str(e).splitlines()[0]} "
+                         "- see data/README.md for where to get them; the embedded benchmark's own encoder is "
+                         "made by run/configs/embedded_pretrain.yaml (bash run/vqa_run.bash does it first)") from None
+
+
 def _lxmert_encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
     from transformers import LxmertConfig, LxmertModel
 
     if cfg.pretrained:
-        encoder = LxmertModel.from_pretrained(cfg.pretrained)
+        encoder = _from_pretrained(LxmertModel, cfg.pretrained)
         log.info("loaded pretrained LXMERT encoder from %s", cfg.pretrained)
         return encoder
     config = LxmertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
@@ -73,7 +85,7 @@ def _visualbert_encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.
     from transformers import VisualBertConfig, VisualBertModel
 
     if cfg.pretrained:
-        encoder = VisualBertModel.from_pretrained(cfg.pretrained)
+        encoder = _from_pretrained(VisualBertModel, cfg.pretrained)
         log.info("loaded pretrained VisualBERT encoder from %s", cfg.pretrained)
         return encoder
     config = VisualBertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size,

@@ -15,12 +15,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import contextlib
 import csv
-import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +26,7 @@ import numpy as np
 
 from .answers import AnswerVocab, normalize_answer, soft_score
 from .features import StoreWriter
-from .io import InputError, read_json, write_json
+from .io import InputError, atomic_folder, read_json, write_json
 
 COCO_SPLITS = ("train2014", "val2014", "test2015")
 # VQA v2's test-dev questions name their subset, but their images are test2015 images.
@@ -49,29 +45,6 @@ Log = Callable[[str], None]
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder next to `path`; on success it replaces `path`, on any error it
-    is deleted, so readers only ever see a complete folder (a store is many files written for hours)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; remove it or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 # split (400) is a multiple of the batch size (32 does not divide it; 40 and 20 do).
 TINY_DATA = {"train_questions": 400, "valid_questions": 150, "test_questions": 150,
              "cp_train_questions": 150, "cp_valid_questions": 150, "cp_test_questions": 150,
+             "pretrain_questions": 100,
              "num_regions": 8, "feat_dim": 16, "min_objects": 2, "max_objects": 5}
 
 
