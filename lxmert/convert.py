@@ -29,7 +29,7 @@ import torch
 
 from .answers import AnswerVocab, normalize_answer
 from .io import InputError, read_json, save_tensors, write_json
-from .modeling import answer_head
+from .modeling import HEAD_FILE, answer_head
 from .io import atomic_folder
 
 ENCODER_PREFIX = "bert."
@@ -240,7 +240,7 @@ def convert(checkpoint: str | Path, answers: str | Path, out: str | Path,
                      pretrained_answers=pretrained_answers, seed=seed)
     with atomic_folder(out, overwrite) as tmp:
         encoder.save_pretrained(tmp)
-        save_tensors(tmp / "head.safetensors", head, metadata={"num_answers": str(len(vocab))})
+        save_tensors(tmp / HEAD_FILE, head, metadata={"num_answers": str(len(vocab))})
         write_json(tmp / "conversion.json", report)
     log(f"encoder: {len(ckpt.encoder)} tensors -> {out}; dropped {len(ckpt.dropped)} pretraining-head tensors")
     log(f"answer head: copied {len(copied)} of {len(vocab)} answer rows from the release's QA head"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,6 +18,9 @@ from .io import InputError
 
 log = logging.getLogger(__name__)
 MODALITIES = ("language", "vision", "cross", "pooler", "head")
+
+
+HEAD_FILE = "head.safetensors"  # the QA head lxmert.convert writes beside the encoder
 
 
 def answer_head(hidden: int, num_answers: int) -> nn.Sequential:
@@ -106,7 +110,25 @@ def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: i
         if expected != feat_dim:
             raise InputError(f"pretrained model {cfg.pretrained} expects {expected}-d region features, "
                              f"the feature store has {feat_dim}")
+        _load_pretrained_head(model, Path(cfg.pretrained) / HEAD_FILE)
     return model
+
+
+def _load_pretrained_head(model: VQAModel, path: Path) -> None:
+    """A pretrained folder written by lxmert.convert holds the QA head initialised from the release's
+    head by answer string (study A's starting point, hence its rewind point); load it when present."""
+    from .io import load_tensors
+
+    if not path.is_file():
+        return
+    state = {k.removeprefix("head."): v for k, v in load_tensors(path).items()}
+    own = model.head.state_dict()
+    wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+    if set(state) != set(own) or wrong:
+        raise InputError(f"{path}: QA head does not fit this model (keys {sorted(state)} vs {sorted(own)}, "
+                         f"shapes file vs model {wrong}); was it converted with this answer vocabulary?")
+    model.head.load_state_dict(state)
+    log.info("loaded the pretrained QA head from %s", path)
 
 
 @dataclass(frozen=True)

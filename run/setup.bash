@@ -48,3 +48,13 @@ else
   "$PY" -m pip install -q -r "$ROOT/requirements.txt" >&2
 fi
 export PY
+
+# The embedded benchmark's stand-in for pretrained LXMERT weights (what unc-nlp/lxmert-base-uncased is
+# for real data): configs that start from data/embedded/pretrained get it made first, once, by
+# run/configs/embedded_pretrain.yaml (a few minutes on 2 CPU cores; resumable like every run).
+ensure_embedded_pretrained() {
+  if grep -qE '^\s*pretrained:\s*data/embedded/pretrained\s*(#.*)?$' "$1" && [ ! -f data/embedded/pretrained/config.json ]; then
+    echo "setup: making the embedded benchmark's pretrained encoder (run/configs/embedded_pretrain.yaml)" >&2
+    "$PY" -m lxmert finetune --config run/configs/embedded_pretrain.yaml
+  fi
+}

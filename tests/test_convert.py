@@ -74,8 +74,11 @@ def test_converted_folder_builds_the_project_model(release, tmp_path):
     folder, _ = release
     _convert(release, tmp_path / "out", pretrained_answers=folder / "all_ans.json", num_attention_heads=2)
     model = build_model(ModelConfig(pretrained=str(tmp_path / "out")), 300, 128, len(PROJECT_ANSWERS))
-    head = load_tensors(tmp_path / "out/head.safetensors")
-    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()}, strict=True)
+    head = load_tensors(tmp_path / "out/head.safetensors")  # loaded by build_model: study A's starting point
+    for key, value in model.head.state_dict().items():
+        torch.testing.assert_close(value, head["head." + key], rtol=0, atol=0)
+    with pytest.raises(InputError, match="head.safetensors: QA head does not fit"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "out")), 300, 128, len(PROJECT_ANSWERS) + 1)
     batch = {"input_ids": torch.tensor([[1, 5, 2]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "visual_feats": torch.randn(1, 4, 128), "visual_pos": torch.rand(1, 4, 4)}
     logits, _ = model.eval()(batch)
