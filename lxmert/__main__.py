@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError, describe, load_config
-from .io import InputError
+from .io import InputError, remove_temporaries
 
 COMMANDS = {
     "generate": "write the embedded benchmark of the config (done automatically by the other commands)",
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         print("\n".join(describe()))
         return 0
+    _quiet_transformers()
     try:
         cfg = load_config(args.config, args.overrides)
         return _run(args.command, cfg)
@@ -34,9 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars when weights load or save: the log says what was loaded."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _run(command: str, cfg) -> int:
     from .training import TrainingDiverged
 
+    _remove_stale_temporaries(command, cfg)
     try:
         if command == "generate":
             from .benchmark import ensure_embedded
@@ -68,6 +79,23 @@ def _run(command: str, cfg) -> int:
         raise
     return 0
 
+
+def _remove_stale_temporaries(command: str, cfg) -> None:
+    """A run killed inside a write leaves a hidden temporary behind: remove those of the experiment's
+    folders before it starts or resumes. Not for `plots`, which may run beside the study it draws. Only
+    rank 0 writes there, so only it cleans (under torchrun the other ranks may already be running). The
+    data root's own temporaries (an interrupted generation) are cleaned by single processes only: under
+    torchrun every rank may be generating it at this moment."""
+    if command == "plots" or os.environ.get("RANK", "0") != "0":
+        return
+    removed = []
+    if command != "generate":
+        removed += remove_temporaries(cfg.model_dir) + remove_temporaries(cfg.result_dir)
+    root = Path(cfg.data.root)
+    if "RANK" not in os.environ:
+        removed += remove_temporaries(root.parent, of=root.name)
+    for path in removed:
+        print(f"removed {path}, left behind by an interrupted write")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -319,6 +319,11 @@ def _cross_checks(config: Config, source: str) -> None:
     if config.model.hidden_size % config.model.num_attention_heads:
         raise ConfigError(f"{source}: key 'model.hidden_size' ({config.model.hidden_size}) must be a "
                           f"multiple of 'model.num_attention_heads' ({config.model.num_attention_heads})")
+    if config.model.family == "visualbert":
+        for values in config.debias.modality_sparsities:
+            if values[0] != 0:
+                raise ConfigError(f"{source}: key 'debias.modality_sparsities' has {values}: a language sparsity of "
+                                  f"{values[0]} cannot be met, VisualBERT has no separate language stream (use 0)")
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"{source}: key 'seeds' has repeated values: {config.seeds}")
 

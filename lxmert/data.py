@@ -139,7 +139,11 @@ class VQADataset(torch.utils.data.Dataset):
 
 class BatchSampler(torch.utils.data.Sampler):
     """Global batches from a seeded permutation of each epoch; under torchrun each rank takes its
-    contiguous slice of every global batch, so N ranks see exactly the batches one process would."""
+    contiguous slice of every global batch, so N ranks see exactly the batches one process would.
+
+    Every rank yields the same number of batches and none is empty (a rank that ran out early would
+    leave the others waiting in a gradient all-reduce forever): slices differ in size by at most one,
+    and a global batch smaller than the number of ranks (only ever the last) is dropped by all."""
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
@@ -159,8 +163,14 @@ class BatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches()[self.skip:]:
-            per = -(-len(batch) // self.world)
-            yield batch[self.rank * per:(self.rank + 1) * per].tolist()
+            lo, hi = self.slice(len(batch))
+            yield batch[lo:hi].tolist()
+
+    def slice(self, size: int) -> tuple[int, int]:
+        """This rank's [lo, hi) of a global batch of `size`: the first size % world ranks get one more."""
+        base, extra = divmod(size, self.world)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (self.rank < extra)
 
 
 @dataclass
@@ -203,6 +213,8 @@ def load_data(cfg: Config, log=print, names: Optional[dict] = None) -> Data:
         ensure_embedded(d.embedded, root, log)
     store_dir = Path(d.features) if Path(d.features).is_absolute() else root / d.features
     store = FeatureStore(store_dir)
+    if d.dataset == "embedded":
+        _check_store_shape(store, d.embedded.num_regions, d.embedded.feat_dim)
     store.check_boxes()
     vocab = AnswerVocab.load(root / d.ans2label)
     tokenizer = load_tokenizer(cfg)
@@ -213,10 +225,21 @@ def load_data(cfg: Config, log=print, names: Optional[dict] = None) -> Data:
     qtype_index = {t: i for i, t in enumerate(sorted(set(train.question_types)))}
     wrap = lambda s: VQADataset(s, store, len(vocab), qtype_index)  # noqa: E731
     valid = load(d.valid)
-    for split in [train, valid]:
+    tests = {n: load(n) for n in d.test}
+    for split in [train, valid, *tests.values()]:
         if split.out_of_vocab:
-            log(f"{split.name}: {split.out_of_vocab} of {len(split)} questions have no answer in the vocabulary")
-    return Data(vocab, store, tokenizer, wrap(train), wrap(valid), {n: wrap(load(n)) for n in d.test}, qtype_index)
+            log(f"{split.name}: {split.out_of_vocab} of {len(split)} questions have no answer in the vocabulary "
+                f"{root / d.ans2label} (they count as wrong for every model)")
+    return Data(vocab, store, tokenizer, wrap(train), wrap(valid), {n: wrap(s) for n, s in tests.items()},
+                qtype_index)
+
+
+def _check_store_shape(store: FeatureStore, num_boxes: int, feat_dim: int) -> None:
+    """A feature store (data.features) made for other embedded parameters than the config's."""
+    for key, want, have in [("num_regions", num_boxes, store.num_boxes), ("feat_dim", feat_dim, store.feat_dim)]:
+        if want != have:
+            raise InputError(f"{store.folder / 'meta.json'}: the feature store has {key} {have}, the config "
+                             f"(data.embedded.{key}) says {want}")
 
 
 def loader(dataset: VQADataset, sampler: BatchSampler, num_workers: int, pin: bool):

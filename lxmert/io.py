@@ -9,10 +9,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,28 +27,82 @@ class InputError(ValueError):
     """Bad input (file, field or key); the message names it."""
 
 
+# The temporaries of atomic_path / atomic_folder: '.<name>.<8 random characters of mkstemp>.tmp', and the
+# '.old' folder that briefly holds a replaced folder. Only names of this form are ever cleaned up.
+_TEMPORARY = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.(?:tmp|old)$")
+
+
+def _is_temporary(name: str, of: Optional[str] = None) -> bool:
+    match = _TEMPORARY.match(name)
+    return bool(match) and (of is None or match.group(1) == of)
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a full disk. torch.save reports it as a RuntimeError
+    raised while handling the OSError, safetensors as its own error whose text ends in '(os error 28)'."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if f"(os error {errno.ENOSPC})" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full(path: Path) -> OSError:
+    return OSError(errno.ENOSPC, f"no space left on device while writing {path}; {path.name} was left as it was")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success rename it over `path`, else remove it."""
+    """Yield a temporary path next to `path`; on success rename it over `path`, else remove it.
+
+    A full disk, wherever it happens (creating, writing, syncing), becomes one OSError(ENOSPC) naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if _no_space(e):
+            raise _disk_full(path) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except OSError as e:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise OSError(e.errno, f"no space left on device while writing {path}") from None
+        if _no_space(e):
+            raise _disk_full(path) from None
         raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+
+
+def remove_temporaries(folder: str | Path, of: Optional[str] = None) -> list[Path]:
+    """Delete the temporaries a killed writer left under `folder` (a SIGKILL skips every cleanup), or,
+    with `of`, only those of the file or folder `folder/of`. Returns what was removed.
+
+    Call it when a run starts or resumes, from the one process that writes there, before anything is
+    written. Only names of the project's own temporary pattern are touched."""
+    folder = Path(folder)
+    removed = []
+    for parent, dirs, files in os.walk(folder):
+        for name in [d for d in dirs if _is_temporary(d, of)]:
+            dirs.remove(name)
+            shutil.rmtree(Path(parent) / name, ignore_errors=True)
+            removed.append(Path(parent) / name)
+        for name in [f for f in files if _is_temporary(f, of)]:
+            (Path(parent) / name).unlink(missing_ok=True)
+            removed.append(Path(parent) / name)
+        if of is not None:
+            break
+    return sorted(removed)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -86,8 +141,8 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
 
 def save_state(path: str | Path, state: dict) -> None:
     """Save a training state (tensors, numbers, strings, containers only) for weights_only loading."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_state(path: str | Path) -> dict:
@@ -118,6 +173,8 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):
+            raise _disk_full(path) from None
         raise

@@ -28,7 +28,8 @@ from . import distributed as dist
 from .config import Config
 from .data import BatchSampler, VQADataset, loader
 from .evaluation import autocast, evaluate, to_device
-from .io import InputError, load_state, load_tensors, read_json, save_state, save_tensors, write_json
+from .io import (InputError, load_state, load_tensors, read_json, remove_temporaries, save_state, save_tensors,
+                 write_json)
 from .masks import MaskEnforcer
 
 log = logging.getLogger("lxmert")
@@ -118,6 +119,10 @@ class Trainer:
         self.enforcer = MaskEnforcer(model, spec.masks) if spec.masks else None
         self.sampler = BatchSampler(len(train), cfg.train.batch_size, spec.seed, True, dist.rank(), dist.world())
         self.steps_per_epoch = len(self.sampler.global_batches()) // cfg.train.grad_accum
+        if self.steps_per_epoch == 0:
+            raise InputError(f"{len(train)} training questions give no optimizer step with train.batch_size="
+                             f"{cfg.train.batch_size} over {dist.world()} process(es) and train.grad_accum="
+                             f"{cfg.train.grad_accum}")
         total = self.steps_per_epoch * spec.epochs
         self.optimizer = _optimizer(self.objective, spec, cfg, self.device)
         from transformers import get_linear_schedule_with_warmup
@@ -156,7 +161,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "history": self.history, "best": self.best,
-            "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": _rng_state()})
+            "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": _rng_state(),
+            "masked": sorted(self.spec.masks or {})})
 
     def _resume(self) -> None:
         state_path = self.folder / "last" / "trainer.pt"
@@ -166,6 +172,7 @@ class Trainer:
         check_compatible(self.objective.state_dict(), weights, self.folder / "last" / "model.safetensors")
         self.objective.load_state_dict(weights)
         state = load_state(state_path)
+        check_masked(sorted(self.spec.masks or {}), state.get("masked"), state_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -181,6 +188,9 @@ class Trainer:
         done = self.folder / "done.json"
         if done.exists():
             return read_json(done)
+        if dist.is_main():
+            for path in remove_temporaries(self.folder):
+                log.info("%s: removed %s, left by an interrupted write", self.spec.tag, path)
         self._resume()
         if self.enforcer is not None:
             self.enforcer.apply()
@@ -272,7 +282,9 @@ def setup_logging(cfg: Config) -> None:
     global _METRICS_PATH
     logger = logging.getLogger("lxmert")
     logger.setLevel(logging.INFO)
-    logger.handlers.clear()
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
@@ -309,6 +321,18 @@ def check_compatible(expected: dict, found: dict, source: Path) -> None:
         if tuple(found[k].shape) != tuple(v.shape):
             raise InputError(f"{source} does not match this config: '{k}' has shape {tuple(found[k].shape)}, "
                              f"this config needs {tuple(v.shape)}")
+
+
+def check_masked(expected: list[str], found: Optional[list[str]], source: Path) -> None:
+    """Refuse to resume a masked run with another prunable set (e.g. include_embeddings changed): the
+    weights have the same shapes, so only the names of the masked tensors tell."""
+    if found is None or list(found) == list(expected):
+        return
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    raise InputError(f"{source} was trained with another prunable set than this config: {len(found)} masked "
+                     f"tensors there, {len(expected)} here; not masked there: {missing[:5]}"
+                     f"{'...' if len(missing) > 5 else ''}, not masked here: {extra[:5]}"
+                     f"{'...' if len(extra) > 5 else ''}")
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

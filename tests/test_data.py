@@ -80,6 +80,19 @@ def test_rank_slices_reassemble_the_single_process_batches(n, batch_size):
     assert [i for b in single for i in b] != flat
 
 
+@pytest.mark.parametrize("n, batch_size, world", [(45, 10, 4), (29, 7, 3), (22, 5, 4), (13, 13, 8)])
+def test_uneven_batches_give_every_rank_the_same_number_of_non_empty_slices(n, batch_size, world):
+    """A rank with one batch fewer, or an empty one, would leave the others waiting in an all-reduce."""
+    single = BatchSampler(n, batch_size, seed=5, shuffle=True)
+    ranks = [BatchSampler(n, batch_size, seed=5, shuffle=True, rank=r, world=world) for r in range(world)]
+    parts = [list(r) for r in ranks]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == len(ranks[0])
+    assert all(len(b) > 0 for p in parts for b in p)
+    whole = [sum(slices, []) for slices in zip(*parts)]
+    assert whole == [b for b in single if len(b) >= world]
+    assert all(max(map(len, s)) - min(map(len, s)) <= 1 for s in zip(*parts))
+
+
 def test_batches_depend_on_seed_and_epoch_only():
     a, b = BatchSampler(50, 8, seed=1, shuffle=True), BatchSampler(50, 8, seed=1, shuffle=True)
     assert list(a) == list(b)

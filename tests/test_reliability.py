@@ -1,6 +1,7 @@
 """A killed study resumes to the same numbers; bad input stops the CLI with one line naming the culprit."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from conftest import LOTTERY_EXTRA, cli_env, comparable, tiny_yaml
 
@@ -104,3 +107,315 @@ def test_malformed_question_file_is_one_error_line(embedded_root, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: {minival}: malformed JSON at line 1")
     assert not (tmp_path / "models").exists() and not _temporaries(tmp_path)
+
+
+# -- in-process command line: every bad input is one line on stderr, a non-zero code, nothing written -----
+
+def _main(args: list, capsys) -> tuple[int, list[str]]:
+    from lxmert.__main__ import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _copy_root(embedded_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data" / "embedded"
+    shutil.copytree(embedded_root, root)
+    return root
+
+
+def _edit_json(path: Path, edit) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def _store_like(src: Path, folder: Path, num_boxes: int, feat_dim: int, box_width: int = 4,
+                scale: float = 1.0) -> Path:
+    """A feature store with the images of `src` and the given sizes (zeros, or `src`'s scaled boxes)."""
+    import numpy as np
+
+    from lxmert.features import FeatureStore
+    from lxmert.io import write_json
+
+    store = FeatureStore(src)
+    folder.mkdir(parents=True)
+    boxes = np.zeros((len(store), num_boxes, box_width), np.float32)
+    if box_width == 4 and num_boxes == store.num_boxes:
+        boxes[:] = np.asarray(store._boxes) * scale
+    np.save(folder / "features.npy", np.zeros((len(store), num_boxes, feat_dim), np.float32))
+    np.save(folder / "boxes.npy", boxes)
+    shutil.copy(src / "img_ids.json", folder / "img_ids.json")
+    write_json(folder / "meta.json", {"num_images": len(store), "num_boxes": num_boxes, "feat_dim": feat_dim,
+                                      "dtype": "float32"})
+    return folder
+
+
+def _bad_config(tmp_path, root):
+    return ["--config", tiny_yaml(tmp_path / "tiny.yaml", root)]
+
+
+BAD_OVERRIDES = {
+    "unknown key": (["train.lrr=0.1"], "unknown key 'train.lrr'"),
+    "wrong type": (["train.epochs=two"], "key 'train.epochs' must be int, got 'two'"),
+    "sparsity 1": (["debias.sparsities=[0.5,1.0]"], "key 'debias.sparsities' = [0.5, 1.0] is out of range"),
+    "negative level": (["lottery.levels=[-0.1,0.5]"], "key 'lottery.levels' = [-0.1, 0.5] is out of range"),
+    "modality out of range": (["debias.modality_sparsities=[[0.3,0.3,1.2,0.3]]"],
+                              "key 'debias.modality_sparsities' = [[0.3, 0.3, 1.2, 0.3]] is out of range"),
+    "modality list length": (["debias.modality_sparsities=[[0.3,0.3]]"], "key 'debias.modality_sparsities'"),
+    "modality cannot be met": (["model.family=visualbert", "debias.modality_sparsities=[[0.3,0.5,0.5,0.5]]"],
+                               "a language sparsity of 0.3 cannot be met"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OVERRIDES))
+def test_bad_config_value_is_one_error_line(case, embedded_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides, words = BAD_OVERRIDES[case]
+    code, lines = _main(["debias", *_bad_config(tmp_path, embedded_root), *overrides], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert str(tmp_path / "tiny.yaml") in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+def _missing_image(root: Path) -> str:
+    _edit_json(root / "minival.json", lambda qs: qs[:7] + [{**qs[7], "img_id": "COCO_nowhere_9"}] + qs[8:])
+    return f"{root / 'minival.json'}: question #7"
+
+
+def _empty_split(root: Path) -> str:
+    (root / "test.json").write_text("[]\n")
+    return f"{root / 'test.json'}: the split is empty"
+
+
+def _truncated_vocab(root: Path) -> str:
+    path = root / "trainval_ans2label.json"
+    path.write_text(path.read_text()[:-20])
+    return f"{path}: malformed JSON"
+
+
+def _pixel_boxes(root: Path) -> str:
+    _store_like(root / "features", root / "pixels", 8, 16, scale=640.0)
+    return f"{root / 'pixels' / 'boxes.npy'}: boxes are not normalised to [0, 1]"
+
+
+def _feature_dim(root: Path) -> str:
+    _store_like(root / "features", root / "wide", 8, 24)
+    return f"{root / 'wide' / 'meta.json'}: the feature store has feat_dim 24, the config (data.embedded.feat_dim) says 16"
+
+
+def _box_count(root: Path) -> str:
+    _store_like(root / "features", root / "few", 6, 16)
+    return "the feature store has num_regions 6, the config (data.embedded.num_regions) says 8"
+
+
+def _box_width(root: Path) -> str:
+    _store_like(root / "features", root / "wide_boxes", 8, 16, box_width=5)
+    return f"{root / 'wide_boxes' / 'boxes.npy'}: shape"
+
+
+BAD_DATA = {"img_id not in the store": (_missing_image, []),
+            "empty split": (_empty_split, []),
+            "truncated vocabulary": (_truncated_vocab, []),
+            "boxes in pixels": (_pixel_boxes, ["data.features=pixels"]),
+            "feature dimension": (_feature_dim, ["data.features=wide"]),
+            "box count": (_box_count, ["data.features=few"]),
+            "box width": (_box_width, ["data.features=wide_boxes"])}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_one_error_line_and_writes_nothing(case, embedded_root, tmp_path, capsys, monkeypatch):
+    root = _copy_root(embedded_root, tmp_path)
+    spoil, overrides = BAD_DATA[case]
+    words = spoil(root)
+    monkeypatch.chdir(tmp_path)
+    code, lines = _main(["finetune", *_bad_config(tmp_path, root), *overrides], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert not (tmp_path / "models").exists() and not (tmp_path / "result").exists()
+    assert not _temporaries(tmp_path)
+
+
+def test_answers_outside_the_vocabulary_are_counted_not_fatal(embedded_root, tmp_path):
+    from lxmert.data import load_data
+
+    from conftest import tiny_config
+
+    root = _copy_root(embedded_root, tmp_path)
+    _edit_json(root / "minival.json", lambda qs: [{**q, "label": {"no-such-answer": 1.0}} if i in (3, 9) else q
+                                                  for i, q in enumerate(qs)])
+    lines: list[str] = []
+    data = load_data(tiny_config(root), log=lines.append)
+    assert data.valid.split.out_of_vocab == 2 and data.train.split.out_of_vocab == 0
+    assert [line for line in lines if "vocabulary" in line] == [
+        f"minival: 2 of 150 questions have no answer in the vocabulary {root / 'trainval_ans2label.json'} "
+        "(they count as wrong for every model)"]
+
+
+def test_diverged_training_is_one_error_line(embedded_root, tmp_path, capsys, monkeypatch):
+    from lxmert import finetune
+    from lxmert.training import TrainingDiverged
+
+    def diverge(cfg):
+        raise TrainingDiverged("dense seed 0: loss became nan at step 13 (epoch 2); last good checkpoint: x/last")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(finetune, "run_finetune", diverge)
+    code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
+    assert code == 3 and lines == ["error: dense seed 0: loss became nan at step 13 (epoch 2); "
+                                   "last good checkpoint: x/last"]
+
+
+def test_full_disk_during_a_run_is_one_error_line(embedded_root, tmp_path, capsys, monkeypatch):
+    """The first weights a real fine-tune saves hit a full disk: one line naming them, no temporary left."""
+    from lxmert import io
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(io, "save_file", full)
+    code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
+    assert code == 4 and len(lines) == 1, lines
+    assert lines == ["error: [Errno 28] no space left on device while writing models/tiny/seed_0/init.safetensors; "
+                     "init.safetensors was left as it was"]
+    assert not _temporaries(tmp_path) and not list((tmp_path / "models").rglob("*.safetensors"))
+
+
+# -- crash-safe writing --------------------------------------------------------------------------------
+
+_NEVER_LEFT: list = []
+
+
+def _killed_inside(manager) -> Path:
+    """Enter an atomic writer and never leave it, as a SIGKILL would: its temporary stays behind. (The
+    writer is kept referenced: collecting it would run its cleanup.)"""
+    _NEVER_LEFT.append(manager)
+    tmp = manager.__enter__()
+    (tmp / "part" if tmp.is_dir() else tmp).write_text("half")
+    return tmp
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    from lxmert.io import atomic_folder, atomic_path, remove_temporaries
+
+    run = tmp_path / "models" / "run"
+    stale = [_killed_inside(atomic_path(run / "last" / "model.safetensors")),
+             _killed_inside(atomic_path(run / "done.json")), _killed_inside(atomic_folder(run / "export"))]
+    old = run / ".store.k3j_9x0a.old"
+    (old / "store").mkdir(parents=True)
+    keep = [run / "last" / "trainer.pt", run / ".hidden", run / "notes.tmp", run / ".a.short.tmp",
+            run / ".mask.safetensors.ABCDEFGH.tmp", run / "x.safetensors.abcdefgh.tmp"]
+    for path in keep:
+        path.write_text("")
+    assert remove_temporaries(run) == sorted(stale + [old])
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == sorted(keep)
+    assert remove_temporaries(run) == [] and remove_temporaries(tmp_path / "absent") == []
+
+    data = tmp_path / "data"
+    mine, other = _killed_inside(atomic_folder(data / "embedded")), _killed_inside(atomic_folder(data / "vqa"))
+    assert remove_temporaries(data, of="embedded") == [mine] and other.exists()
+
+
+def test_a_run_cleans_its_folders_when_it_starts(embedded_root, tmp_path, capsys, monkeypatch):
+    from lxmert.__main__ import _remove_stale_temporaries
+    from lxmert.io import atomic_folder, atomic_path
+
+    from conftest import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = tiny_config(tmp_path / "data" / "embedded")
+    paths = [_killed_inside(atomic_path(cfg.model_dir / "seed_0" / "dense" / "last" / "trainer.pt")),
+             _killed_inside(atomic_path(cfg.result_dir / "lottery.json")),
+             _killed_inside(atomic_folder(tmp_path / "data" / "embedded"))]
+    _remove_stale_temporaries("plots", cfg)
+    monkeypatch.setenv("RANK", "1")
+    _remove_stale_temporaries("lottery", cfg)
+    assert all(p.exists() for p in paths), "plots may run beside a study; rank 1 never writes"
+    monkeypatch.setenv("RANK", "0")
+    _remove_stale_temporaries("lottery", cfg)
+    assert [p.exists() for p in paths] == [False, False, True], "under torchrun every rank may be generating"
+    monkeypatch.delenv("RANK")
+    _remove_stale_temporaries("generate", cfg)
+    assert not paths[2].exists()
+    assert capsys.readouterr().out.count("left behind by an interrupted write") == 3
+
+
+class _FullDisk(Exception):
+    """What safetensors raises on a full disk (its error type is not an OSError)."""
+
+
+def test_full_disk_in_any_writer_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import builtins
+
+    import torch
+
+    from lxmert import io
+
+    path = tmp_path / "last" / "model.safetensors"
+    io.save_tensors(path, {"w": torch.ones(3)})
+
+    def safetensors_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise _FullDisk("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(io, "save_file", safetensors_full)
+    with pytest.raises(OSError, match=rf"no space left on device while writing {path}; ") as info:
+        io.save_tensors(path, {"w": torch.zeros(3)})
+    assert info.value.errno == errno.ENOSPC
+    assert torch.equal(io.load_tensors(path)["w"], torch.ones(3)) and not _temporaries(tmp_path)
+
+    class FullFile:
+        """A file whose writes fail once 100 bytes are in: torch.save turns that into a RuntimeError."""
+
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    real_open = builtins.open
+    monkeypatch.setattr(io, "open", lambda f, mode="r": FullFile(real_open(f, mode)) if "w" in mode
+                        else real_open(f, mode), raising=False)
+    state = tmp_path / "last" / "trainer.pt"
+    with pytest.raises(OSError, match=rf"while writing {state}; trainer.pt was left as it was"):
+        io.save_state(state, {"step": 3, "moments": torch.zeros(1000)})
+    assert not state.exists() and not _temporaries(tmp_path)
+
+    with pytest.raises(OSError, match=rf"while writing {tmp_path / 'store'}; ") as info:
+        with io.atomic_folder(tmp_path / "store") as tmp:
+            (tmp / "features.npy").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_setup_logging_twice_closes_the_old_file(embedded_root, tmp_path, monkeypatch):
+    import logging
+
+    from lxmert.training import setup_logging
+
+    from conftest import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(embedded_root)
+    logger = logging.getLogger("lxmert")
+    setup_logging(cfg)
+    first = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    setup_logging(cfg)
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    assert len(first) == len(files) == 1 and len(logger.handlers) == 2
+    assert first[0].stream is None, "the replaced handler's file is closed"
+    logger.info("once")
+    assert (tmp_path / cfg.log_path).read_text().count("once") == 1

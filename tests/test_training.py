@@ -11,7 +11,7 @@ from lxmert.io import InputError, load_state, load_tensors, save_tensors
 from lxmert.masks import full_mask
 from lxmert.modeling import build_model, prunable_tensors
 from lxmert.pruning import prune
-from lxmert.training import RunSpec, Trainer, TrainingDiverged, check_compatible, load_weights
+from lxmert.training import RunSpec, Trainer, TrainingDiverged, check_compatible, check_masked, load_weights
 
 from conftest import tiny_config
 
@@ -179,3 +179,28 @@ def test_resume_from_another_config_is_refused(ctx, reference, tiny_data, tmp_pa
     with pytest.raises(InputError, match=r"last/model.safetensors does not match this config: "
                                          r"'model\..*' has shape"):
         Trainer(other.cfg, model, tiny_data.train, tiny_data.valid, spec).fit()
+
+
+def test_resume_with_another_prunable_set_is_refused(ctx, reference, tmp_path):
+    """Same shapes, other masked tensors (e.g. lottery.include_embeddings changed): the names tell."""
+    folder = tmp_path / "run"
+    shutil.copytree(reference[0] / "last", folder / "last")
+    model = ctx.new_model(0)
+    mask = full_mask(model, prunable_tensors(model, include_embeddings=True))
+    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model), epochs=2, lr=1e-3, masks=mask, tag="m")
+    with pytest.raises(InputError, match=r"last/trainer.pt was trained with another prunable set than this "
+                                         rf"config: 0 masked tensors there, {len(mask)} here; not masked there: "):
+        Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+    check_masked(["a", "b"], ["a", "b"], folder)
+    check_masked(["a"], None, folder)
+    with pytest.raises(InputError, match=r"not masked there: \[\], not masked here: \['model.embeddings.weight'\]"):
+        check_masked(["a"], ["a", "model.embeddings.weight"], folder)
+
+
+def test_a_split_too_small_for_one_step_is_refused(ctx):
+    model = ctx.new_model(0)
+    cfg = tiny_config(ctx.cfg.data.root, batch_size=400, extra=["train.grad_accum=2"])
+    spec = RunSpec(folder=ctx.cfg.model_dir, seed=0, loss=ctx.loss("bce", model), epochs=1, lr=1e-3)
+    with pytest.raises(InputError, match=r"400 training questions give no optimizer step with "
+                                         r"train.batch_size=400 over 1 process\(es\) and train.grad_accum=2"):
+        Trainer(cfg, model, ctx.data.train, ctx.data.valid, spec)
