@@ -40,7 +40,7 @@ from .data import BatchSampler
 from .finetune import Context, dense, train_run
 from .io import read_json, save_tensors, write_json, write_with
 from .lottery import LotteryRun
-from .masks import full_mask, load_mask, measure_weights, save_mask
+from .masks import full_mask, load_mask_for, measure_weights, save_mask
 from .masktrain import MASKED_MODALITIES, LearnedMasks
 from .modeling import VQAModel, prunable_tensors
 from .training import RunSpec, load_weights, metrics_log
@@ -162,7 +162,7 @@ class SeedStudy:
         started = time.time()
         model, pruned = self.model, folder.parent / "stage2"
         load_weights(model, pruned / "pruned.safetensors")
-        mask, _ = load_mask(pruned / "mask.safetensors")
+        mask = load_mask_for(pruned / "mask.safetensors", model, [t.name for t in prunable_tensors(model)])
         spec = RunSpec(folder=folder / "run", seed=self.seed, loss=self.ctx.loss(s2, model).to(dist.device()),
                        epochs=self.cfg.debias.stage3_epochs, lr=self.cfg.train.lr, masks=mask,
                        tag=f"seed {self.seed} {s1}-{s2} {tag} stage 3")

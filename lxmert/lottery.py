@@ -25,7 +25,7 @@ from . import distributed as dist
 from .config import Config
 from .finetune import Context, run_finetune, train_run
 from .io import read_json, write_json, write_text
-from .masks import apply_mask, full_mask, load_mask, measure_weights, save_mask
+from .masks import apply_mask, full_mask, load_mask_for, measure_weights, save_mask
 from .modeling import VQAModel, prunable_tensors
 from .pruning import prune
 from .training import RunSpec, load_weights, metrics_log
@@ -55,6 +55,9 @@ class LotteryRun:
     def evaluate(self) -> float:
         return self.ctx.evaluate(self.model, [self.ctx.cfg.data.valid])[self.ctx.cfg.data.valid]["overall"]
 
+    def load_mask(self, path: Path) -> dict:
+        return load_mask_for(path, self.model, [t.name for t in self.prunable])
+
     def levels(self) -> list[dict]:
         lc = self.ctx.cfg.lottery
         mask = full_mask(self.model, self.prunable)
@@ -72,11 +75,11 @@ class LotteryRun:
         folder = self.folder / f"level_{round(100 * level, 2):g}"
         final = folder / "run" / "final" / "model.safetensors"
         if (folder / "result.json").exists():
-            return read_json(folder / "result.json"), load_mask(folder / "mask.safetensors")[0], final
+            return read_json(folder / "result.json"), self.load_mask(folder / "mask.safetensors"), final
         started = time.time()
         load_weights(self.model, trained)
         if (folder / "mask.safetensors").exists():
-            mask = load_mask(folder / "mask.safetensors")[0]
+            mask = self.load_mask(folder / "mask.safetensors")
         else:
             mask = dist.broadcast(prune(self.mode, self.model, self.prunable, current, level, cfg.lottery.scope,
                                         seed=self.seed * 1000 + index) if dist.is_main() else None)

@@ -81,6 +81,21 @@ def load_mask(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return mask, modalities
 
 
+def load_mask_for(path: str | Path, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """A saved mask, refused with what differs when it was made for another prunable set or shapes
+    (a level folder from an earlier config must not be silently reused)."""
+    mask, _ = load_mask(path)
+    if set(mask) != set(names):
+        extra, missing = sorted(set(mask) - set(names)), sorted(set(names) - set(mask))
+        raise InputError(f"{path}: mask made for another prunable set (only in the file: {extra[:3]}, "
+                         f"only in this config: {missing[:3]}); remove the folder or restore the config")
+    wrong = {k: (tuple(v.shape), tuple(parameter(model, k).shape)) for k, v in mask.items()
+             if v.shape != parameter(model, k).shape}
+    if wrong:
+        raise InputError(f"{path}: mask shapes differ from the model (file vs model): {dict(list(wrong.items())[:3])}")
+    return mask
+
+
 def apply_mask(model: nn.Module, mask: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, keep in mask.items():

@@ -133,3 +133,17 @@ def test_redraw_rebuilds_the_table_from_json(lottery_run, monkeypatch):
     md.unlink()
     lottery.redraw(cfg)
     assert md.read_text() == before
+
+
+def test_masks_of_another_prunable_set_are_refused(lottery_run, embedded_root, monkeypatch):
+    import pytest
+
+    from conftest import LOTTERY_EXTRA, tiny_config
+    from lxmert.io import InputError
+
+    workdir, _, _ = lottery_run
+    monkeypatch.chdir(workdir)
+    cfg = tiny_config(embedded_root, extra=LOTTERY_EXTRA + ["lottery.include_head=true"])
+    with pytest.raises(InputError, match=r"level_30/mask.safetensors: mask made for another prunable set"):
+        lottery.run_lottery(cfg)
+    training._METRICS_PATH = None
