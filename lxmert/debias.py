@@ -273,6 +273,22 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+OOD_PREFIX, OOD_MEAN = "ood_", "ood_mean"  # VQA-VS: its score is the mean over the nine OOD test sets
+
+
+def _report_splits(result: dict) -> list[str]:
+    """The test splits of the outputs, plus the OOD mean when the tests include OOD sets (VQA-VS)."""
+    tests = list(result["test_splits"])
+    return tests + [OOD_MEAN] if sum(t.startswith(OOD_PREFIX) for t in tests) > 1 else tests
+
+
+def _overall(accuracies: dict, split: str) -> float:
+    """Overall accuracy of one split of a row's accuracies; the OOD mean is computed from its parts."""
+    if split == OOD_MEAN:
+        return float(np.mean([v["overall"] for k, v in accuracies.items() if k.startswith(OOD_PREFIX)]))
+    return accuracies[split]["overall"]
+
+
 def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
 
@@ -285,7 +301,7 @@ def _target_text(target: Target) -> str:
 
 def debias_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Mean ± std over seeds of valid and test accuracy (final and best-on-valid) per setting."""
-    tests, valid = result["test_splits"], result["valid_split"]
+    tests, valid = _report_splits(result), result["valid_split"]
     header = ["setting", "stage", "target sparsity %", "measured %", valid]
     header += [f"{t} {kind}" for t in tests for kind in ("final", "best")]
     body = []
@@ -293,9 +309,9 @@ def debias_table(result: dict) -> tuple[list[str], list[list[str]]]:
         line = [setting, stage, _target_text(group[0]["target_sparsity"]),
                 f"{100 * np.mean([r['measured_sparsity'] for r in group]):.2f}",
                 _mean_std([r["valid"] for r in group])]
-        line += [_mean_std([r[kind][t]["overall"] for r in group]) for t in tests for kind in ("final", "best")]
+        line += [_mean_std([_overall(r[kind], t) for r in group]) for t in tests for kind in ("final", "best")]
         body.append(line)
-    blind = {s: [r["blind"][s]["overall"] for r in result["rows"] if r["stage"] == "full"] for s in [valid] + tests}
+    blind = {s: [_overall(r["blind"], s) for r in result["rows"] if r["stage"] == "full"] for s in [valid] + tests}
     body.append(["question-only", "-", "-", "-", _mean_std(blind[valid])]
                 + [_mean_std(blind[t]) if kind == "final" else "-" for t in tests for kind in ("final", "best")])
     return header, body
@@ -303,7 +319,7 @@ def debias_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def _point(group: list[dict], split: str) -> tuple[float, float, float]:
     """(measured sparsity %, mean accuracy, std of accuracy) of the final models of a group."""
-    acc = [r["final"][split]["overall"] for r in group]
+    acc = [_overall(r["final"], split) for r in group]
     return 100 * float(np.mean([r["measured_sparsity"] for r in group])), float(np.mean(acc)), float(np.std(acc))
 
 
@@ -336,7 +352,7 @@ def plot_debias(result: dict, split: str, path: Path) -> None:
     for j, (setting, g) in enumerate(full):
         ax.axhline(_point(g, split)[1], ls="-.", lw=1, color=colors[(len(settings) + j) % len(colors)],
                    label=f"full {setting}")
-    blind = [r["blind"][split]["overall"] for r in result["rows"] if r["stage"] == "full"]
+    blind = [_overall(r["blind"], split) for r in result["rows"] if r["stage"] == "full"]
     if blind:
         ax.axhline(float(np.mean(blind)), ls="--", color="grey", label="question-only")
     ax.set(xlim=(0, 100), xlabel="measured sparsity (%)", ylabel=f"{split} accuracy (%)",
@@ -355,7 +371,7 @@ def write_debias(cfg: Config, result: dict) -> None:
     write_table(header, body, out / "debias_table.md", out / "debias_table.png",
                 f"{cfg.experiment}: accuracy (%), mean ± std over {len(result['seeds'])} seed(s); models selected "
                 f"on {result['valid_split']}")
-    for split in result["test_splits"]:
+    for split in _report_splits(result):
         plot_debias(result, split, out / f"debias_{split}.png")
 
 

@@ -111,3 +111,19 @@ def test_stage2_on_visualbert(embedded_root, tmp_path, monkeypatch):
     report = measure_mask(mask, modalities)
     assert set(report["by_modality"]) == {"vision", "cross", "pooler"}
     assert all(v == pytest.approx(50.0, abs=0.1) for v in report["by_modality"].values())
+
+
+def test_vqa_vs_score_is_the_mean_of_the_ood_sets():
+    from lxmert.debias import debias_table
+
+    def accs(values):
+        return {k: {"overall": v} for k, v in values.items()}
+
+    tests = {"test_iid": 70.0, "ood_qt": 40.0, "ood_kw": 50.0, "ood_ko": 66.0}
+    row = {"setting": "bce", "stage": "full", "sparsity_tag": "full", "target_sparsity": 0.0,
+           "measured_sparsity": 0.0, "valid": 71.0, "final": accs(tests), "best": accs(tests),
+           "blind": accs({"val": 40.0, **{k: v / 2 for k, v in tests.items()}})}
+    header, body = debias_table({"test_splits": list(tests), "valid_split": "val", "rows": [row]})
+    assert header[-2:] == ["ood_mean final", "ood_mean best"]
+    assert body[0][-2:] == ["52.00 ± 0.00", "52.00 ± 0.00"]
+    assert body[-1][-2] == "26.00 ± 0.00"  # question-only, same mean
