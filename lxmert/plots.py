@@ -89,16 +89,15 @@ def lottery_table(result: dict) -> tuple[list[str], list[list[str]]]:
     modes = [m for m in ["low_magnitude", "random", "high_magnitude"] if any(r["mode"] == m for r in rows)]
     levels = sorted({r["target_sparsity"] for r in rows})
     header = ["sparsity %", "measured %"] + [m.replace("_", " ") for m in modes]
-    body = []
+    d = result["dense"]
+    body = [["0 (dense)", "0.00"] + [f"{d['accuracy']['mean']:.2f} ± {d['accuracy']['std']:.2f}"] * len(modes)]
     for level in levels:
         at = [r for r in rows if r["target_sparsity"] == level]
-        line = [f"{100 * level:g}", f"{np.mean([r['measured_sparsity'] for r in at]):.2f}"]
+        line = [f"{100 * level:g}", f"{100 * np.mean([r['measured_sparsity'] for r in at]):.2f}"]
         for m in modes:
             acc = [r["accuracy_retrained"] for r in at if r["mode"] == m]
             line.append(f"{np.mean(acc):.2f} ± {np.std(acc):.2f}" if acc else "")
         body.append(line)
-    d = result["dense"]
-    body.append(["0 (dense)", "0.00"] + [f"{d['accuracy']['mean']:.2f} ± {d['accuracy']['std']:.2f}"] * len(modes))
     body.append(["question-only", "-"] + [f"{d['blind']['mean']:.2f} ± {d['blind']['std']:.2f}"] * len(modes))
     return header, body
 
