@@ -57,53 +57,43 @@ class VQAModel(nn.Module):
         return self.head(pooled), pooled
 
 
-def _from_pretrained(cls, source: str) -> nn.Module:
+def _from_pretrained(cls, source: str, **overrides) -> nn.Module:
     """from_pretrained with one clear error when the folder or hub id cannot be loaded."""
     from .io import InputError
 
     try:
-        return cls.from_pretrained(source)
+        return cls.from_pretrained(source, **overrides)
     except OSError as e:
         raise InputError(f"cannot load pretrained weights '{source}' (model.pretrained): {str(e).splitlines()[0]} "
                          "- see data/README.md for where to get them; the embedded benchmark's own encoder is "
                          "made by run/configs/embedded_pretrain.yaml (bash run/vqa_run.bash does it first)") from None
 
 
-def _lxmert_encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
-    from transformers import LxmertConfig, LxmertModel
+def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
+    """transformers' LxmertModel or VisualBertModel: pretrained weights when configured (with the
+    config's dropout), else randomly initialised at the configured size."""
+    from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBertModel
 
+    name, cls = ("LXMERT", LxmertModel) if cfg.family == "lxmert" else ("VisualBERT", VisualBertModel)
+    dropout = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
     if cfg.pretrained:
-        encoder = _from_pretrained(LxmertModel, cfg.pretrained)
-        log.info("loaded pretrained LXMERT encoder from %s", cfg.pretrained)
+        encoder = _from_pretrained(cls, cfg.pretrained, **dropout)
+        log.info("loaded pretrained %s encoder from %s", name, cfg.pretrained)
         return encoder
-    config = LxmertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
-                          num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
-                          l_layers=cfg.l_layers, x_layers=cfg.x_layers, r_layers=cfg.r_layers,
-                          visual_feat_dim=feat_dim, visual_pos_dim=4, hidden_dropout_prob=cfg.dropout,
-                          attention_probs_dropout_prob=cfg.dropout)
-    log.info("no pretrained weights configured (model.pretrained is null): LXMERT encoder randomly initialised")
-    return LxmertModel(config)
-
-
-def _visualbert_encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
-    from transformers import VisualBertConfig, VisualBertModel
-
-    if cfg.pretrained:
-        encoder = _from_pretrained(VisualBertModel, cfg.pretrained)
-        log.info("loaded pretrained VisualBERT encoder from %s", cfg.pretrained)
-        return encoder
-    config = VisualBertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
-                              num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
-                              num_hidden_layers=cfg.num_hidden_layers, visual_embedding_dim=feat_dim,
-                              hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    log.info("no pretrained weights configured (model.pretrained is null): VisualBERT encoder randomly initialised")
-    return VisualBertModel(config)
+    sizes = {"vocab_size": vocab_size, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+             "intermediate_size": cfg.intermediate_size, **dropout}
+    if cfg.family == "lxmert":
+        config = LxmertConfig(l_layers=cfg.l_layers, x_layers=cfg.x_layers, r_layers=cfg.r_layers,
+                              visual_feat_dim=feat_dim, visual_pos_dim=4, **sizes)
+    else:
+        config = VisualBertConfig(num_hidden_layers=cfg.num_hidden_layers, visual_embedding_dim=feat_dim, **sizes)
+    log.info("no pretrained weights configured (model.pretrained is null): %s encoder randomly initialised", name)
+    return cls(config)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: int) -> VQAModel:
     """Build the model; call under a seeded RNG so initialisation is reproducible."""
-    make = _lxmert_encoder if cfg.family == "lxmert" else _visualbert_encoder
-    model = VQAModel(make(cfg, vocab_size, feat_dim), cfg.family, num_answers)
+    model = VQAModel(_encoder(cfg, vocab_size, feat_dim), cfg.family, num_answers)
     if cfg.pretrained:
         expected = model.encoder.config.visual_feat_dim if cfg.family == "lxmert" else \
             model.encoder.config.visual_embedding_dim

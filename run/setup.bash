@@ -58,3 +58,13 @@ ensure_embedded_pretrained() {
     "$PY" -m lxmert finetune --config run/configs/embedded_pretrain.yaml
   fi
 }
+
+# Runs `python -m lxmert <command> --config $CONFIG "$@"`, on NPROC processes through torchrun when NPROC > 1.
+launch() {
+  local command="$1"; shift
+  ensure_embedded_pretrained "$CONFIG"
+  if [ "${NPROC:-1}" -gt 1 ]; then
+    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m lxmert "$command" --config "$CONFIG" "$@"
+  fi
+  exec "$PY" -m lxmert "$command" --config "$CONFIG" "$@"
+}

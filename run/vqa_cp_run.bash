@@ -9,8 +9,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.bash"
 CONFIG="${CONFIG:-run/configs/embedded_cp.yaml}"
-ensure_embedded_pretrained "$CONFIG"
-if [ "${NPROC:-1}" -gt 1 ]; then
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m lxmert debias --config "$CONFIG" "$@"
-fi
-exec "$PY" -m lxmert debias --config "$CONFIG" "$@"
+launch debias "$@"

@@ -7,8 +7,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.bash"
 CONFIG="${CONFIG:-run/configs/embedded.yaml}"
-ensure_embedded_pretrained "$CONFIG"
-if [ "${NPROC:-1}" -gt 1 ]; then
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m lxmert lottery --config "$CONFIG" "$@"
-fi
-exec "$PY" -m lxmert lottery --config "$CONFIG" "$@"
+launch lottery "$@"
