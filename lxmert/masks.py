@@ -100,25 +100,27 @@ def apply_mask(model: nn.Module, mask: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, keep in mask.items():
             w = parameter(model, name)
-            w.masked_fill_(~keep.to(w.device), 0)
+            w.mul_(keep.to(w.device))
 
 
 class MaskEnforcer:
     """Keeps pruned weights exactly zero while training: their gradients are zeroed before clipping
     (so the clip norm is that of the sparse network) and the weights are zeroed after every optimizer
-    step (AdamW's momentum and weight decay would otherwise regrow them)."""
+    step (AdamW's momentum and weight decay would otherwise regrow them).
+
+    Multiplying by the bool mask is ~7x faster than masked_fill_ on CPU (bench/training.py); it would
+    keep a NaN weight NaN, but a NaN anywhere already stops training (TrainingDiverged)."""
 
     def __init__(self, model: nn.Module, mask: dict[str, torch.Tensor]):
-        self.pairs = [(parameter(model, name), (~keep).to(parameter(model, name).device))
-                      for name, keep in mask.items()]
+        self.pairs = [(parameter(model, name), keep.to(parameter(model, name).device)) for name, keep in mask.items()]
 
     @torch.no_grad()
     def apply(self) -> None:
-        for w, pruned in self.pairs:
-            w.masked_fill_(pruned, 0)
+        for w, keep in self.pairs:
+            w.mul_(keep)
 
     @torch.no_grad()
     def zero_grads(self) -> None:
-        for w, pruned in self.pairs:
+        for w, keep in self.pairs:
             if w.grad is not None:
-                w.grad.masked_fill_(pruned, 0)
+                w.grad.mul_(keep)
