@@ -159,7 +159,8 @@ class DebiasConfig:
                                    "a list of 4-value lists, each value in [0, 1)")
     stage3: bool = _f(True, "also fine-tune each pruned model with its mask fixed")
     stage2_epochs: int = _f(4, "mask-training epochs", _positive, "> 0")
-    stage2_lr: float = _f(1e-2, "learning rate of the mask scores", _positive, "> 0")
+    stage2_lr: float = _f(5e-5, "learning rate of mask training (scores and QA head); 5e-5 is the paper's for "
+                          "20 epochs of VQA-CP; far larger values flip most masks every step", _positive, "> 0")
     stage3_epochs: int = _f(2, "epochs of stage 3", _positive, "> 0")
     reset_every: int = _f(100, "steps between the per-tensor top-k resets of the scores", _positive, "> 0")
     lmh_entropy: float = _f(0.36, "weight of the LMH entropy penalty", _non_negative, ">= 0")

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -57,7 +58,7 @@ class RunSpec:
     params: Optional[list[nn.Parameter]] = None
     after_step: Optional[Callable[[int], None]] = None
     capture_step: int = 0
-    tag: str = ""
+    tag: str = ""  # names the run in logs; with the seed it also seeds the run's RNG (dropout)
     before_save: Optional[Callable[[], None]] = None
     extra: dict = field(default_factory=dict)
 
@@ -164,10 +165,10 @@ class Trainer:
             "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": _rng_state(),
             "masked": sorted(self.spec.masks or {})})
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
         state_path = self.folder / "last" / "trainer.pt"
         if not state_path.exists():
-            return
+            return False
         weights = load_tensors(self.folder / "last" / "model.safetensors")
         check_compatible(self.objective.state_dict(), weights, self.folder / "last" / "model.safetensors")
         self.objective.load_state_dict(weights)
@@ -182,6 +183,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         log.info("%s: resumed from %s at epoch %d, step %d", self.spec.tag, self.folder / "last",
                  self.epoch + 1, self.step)
+        return True
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -191,7 +193,10 @@ class Trainer:
         if dist.is_main():
             for path in remove_temporaries(self.folder):
                 log.info("%s: removed %s, left by an interrupted write", self.spec.tag, path)
-        self._resume()
+        if not self._resume():
+            # A fresh run seeds its own RNG, so its dropout does not depend on what this process ran
+            # before (a rerun that skips finished runs must give the same numbers as one that did not).
+            seed_everything(self.spec.seed * 1_000_003 + zlib.crc32(self.spec.tag.encode()))
         if self.enforcer is not None:
             self.enforcer.apply()
         epochs = range(self.epoch, self.spec.epochs)

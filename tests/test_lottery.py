@@ -148,3 +148,4 @@ def test_masks_of_another_prunable_set_are_refused(lottery_run, embedded_root, m
     with pytest.raises(InputError, match=r"level_30/mask.safetensors: mask made for another prunable set"):
         lottery.run_lottery(cfg)
     training._METRICS_PATH = None
+

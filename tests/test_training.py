@@ -204,3 +204,15 @@ def test_a_split_too_small_for_one_step_is_refused(ctx):
     with pytest.raises(InputError, match=r"400 training questions give no optimizer step with "
                                          r"train.batch_size=400 over 1 process\(es\) and train.grad_accum=2"):
         Trainer(cfg, model, ctx.data.train, ctx.data.valid, spec)
+
+
+def test_fresh_run_does_not_depend_on_what_the_process_ran_before(ctx, reference, tmp_path):
+    """A study that skips finished runs must recompute the others exactly: a fresh run seeds its own RNG."""
+    _, ref_model, ref_summary = reference
+    model = ctx.new_model(0)
+    torch.rand(12345), torch.randn(3, 3)  # what an earlier run in the same process would have drawn
+    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model), epochs=2, lr=ctx.cfg.train.lr,
+                   tag="test")
+    summary = Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+    assert _without_seconds(summary["history"]) == _without_seconds(ref_summary["history"])
+    assert _same_weights(model, ref_model)
