@@ -6,6 +6,7 @@ result/<experiment>/finetune.json               per seed: final/best accuracy, b
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -21,7 +22,7 @@ from .blind import train_blind
 from .config import Config
 from .data import Data, load_data
 from .evaluation import accuracy, predict, predictions_json
-from .io import atomic_folder, read_json, save_tensors, write_json
+from .io import InputError, atomic_folder, read_json, save_tensors, write_json
 from .losses import make_loss, question_type_prior
 from .modeling import VQAModel, build_model
 from .training import RunSpec, Trainer, load_weights, seed_everything, setup_logging
@@ -41,7 +42,9 @@ class Context:
         dist.init()
         setup_logging(cfg)
         log.info("experiment %s: loading data from %s", cfg.experiment, cfg.data.root)
-        return cls(cfg, load_data(cfg, log.info))
+        data = load_data(cfg, log.info)
+        check_data_fingerprint(cfg)
+        return cls(cfg, data)
 
     def seed_dir(self, seed: int) -> Path:
         return self.cfg.model_dir / f"seed_{seed}"
@@ -85,6 +88,39 @@ class Context:
         if dist.is_main():
             write_json(path, result)
         return result
+
+
+def data_files(cfg: Config) -> list[Path]:
+    """The files an experiment's numbers depend on: question files, answer vocabulary, store layout."""
+    d = cfg.data
+    root = Path(d.root)
+    store = Path(d.features) if Path(d.features).is_absolute() else root / d.features
+    names = list(d.train) + [d.valid] + list(d.test)
+    return [root / f"{n}.json" for n in names] + [root / d.ans2label, store / "meta.json", store / "img_ids.json"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_data_fingerprint(cfg: Config) -> None:
+    """models/<experiment>/data.json records the data the experiment's runs were trained on; later runs
+    (and resumed ones) with other data are refused, so finished runs are never mixed with new data."""
+    files = {str(p): _sha256(p) for p in data_files(cfg) if p.exists()}
+    path = cfg.model_dir / "data.json"
+    if path.exists():
+        recorded = read_json(path)
+        changed = sorted(k for k in set(files) | set(recorded) if files.get(k) != recorded.get(k))
+        if changed:
+            raise InputError(f"{path}: the runs of experiment '{cfg.experiment}' were made with other data "
+                             f"({', '.join(changed[:3])} differ); use another experiment name or remove "
+                             f"{cfg.model_dir} and result/{cfg.experiment}")
+    elif dist.is_main():
+        write_json(path, files)
 
 
 def finish_run(folder: Path, model: VQAModel) -> None:

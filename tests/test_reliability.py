@@ -419,3 +419,23 @@ def test_setup_logging_twice_closes_the_old_file(embedded_root, tmp_path, monkey
     assert first[0].stream is None, "the replaced handler's file is closed"
     logger.info("once")
     assert (tmp_path / cfg.log_path).read_text().count("once") == 1
+
+
+def test_experiment_made_with_other_data_is_refused(embedded_root, tmp_path, monkeypatch):
+    """Finished runs are never mixed with new data: models/<exp>/data.json records the data they used."""
+    from lxmert.finetune import check_data_fingerprint
+    from lxmert.io import InputError
+
+    from conftest import tiny_config
+
+    root = _copy_root(embedded_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(root)
+    check_data_fingerprint(cfg)
+    recorded = json.loads((tmp_path / "models" / "tiny" / "data.json").read_text())
+    assert str(root / "train.json") in recorded and str(root / "features" / "meta.json") in recorded
+    check_data_fingerprint(cfg)  # the same data: accepted
+    _edit_json(root / "train.json", lambda qs: qs[:-1])
+    with pytest.raises(InputError, match=r"data.json: the runs of experiment 'tiny' were made with other data "
+                                         r"\(.*train.json differ\)"):
+        check_data_fingerprint(cfg)
