@@ -126,6 +126,7 @@ class Trainer:
                              f"{cfg.train.grad_accum}")
         total = self.steps_per_epoch * spec.epochs
         self.optimizer = _optimizer(self.objective, spec, cfg, self.device)
+        self.trained = [p for g in self.optimizer.param_groups for p in g["params"]]
         from transformers import get_linear_schedule_with_warmup
 
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.train.warmup * total), total)
@@ -235,12 +236,13 @@ class Trainer:
             batch = to_device(batch, self.device)
             with autocast(self.device, cfg.precision):
                 loss = self.runner(batch)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"{self.spec.tag}: loss became {loss.item()} at step {self.step + 1} "
+            value = loss.item()  # the step's one host sync: divergence check and running mean
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"{self.spec.tag}: loss became {value} at step {self.step + 1} "
                                        f"(epoch {self.epoch + 1}); last good checkpoint: {self.folder / 'last'}")
             self.scaler.scale(loss / cfg.grad_accum).backward()
             self.batch_in_epoch += 1
-            self.loss_sum, self.loss_count = self.loss_sum + loss.item(), self.loss_count + 1
+            self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
             if self.batch_in_epoch % cfg.grad_accum == 0:
                 self._optimizer_step()
                 bar.set_postfix(loss=f"{self.loss_sum / self.loss_count:.3f}")
@@ -252,8 +254,7 @@ class Trainer:
             self.enforcer.zero_grads()
         if cfg.clip > 0:
             self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, cfg.clip)
+            nn.utils.clip_grad_norm_(self.trained, cfg.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
