@@ -28,9 +28,8 @@ from typing import Callable, Optional
 import torch
 
 from .answers import AnswerVocab, normalize_answer
-from .io import InputError, read_json, save_tensors, write_json
+from .io import InputError, atomic_folder, exit_code, read_json, save_tensors, write_json
 from .modeling import HEAD_FILE, answer_head
-from .io import atomic_folder
 
 ENCODER_PREFIX = "bert."
 HEAD_PREFIX = "answer_head.logit_fc."
@@ -259,13 +258,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised head rows")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
-    try:
-        convert(args.checkpoint, args.answers, args.out, args.pretrained_answers, args.num_attention_heads,
-                args.seed, args.overwrite)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: convert(args.checkpoint, args.answers, args.out, args.pretrained_answers,
+                                     args.num_attention_heads, args.seed, args.overwrite))
 
 
 if __name__ == "__main__":

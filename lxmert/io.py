@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -25,6 +26,16 @@ os.umask(_UMASK)
 
 class InputError(ValueError):
     """Bad input (file, field or key); the message names it."""
+
+
+def exit_code(action: Callable[[], object]) -> int:
+    """Run a command-line action: 0, or one `error:` line on stderr and 2 for bad input."""
+    try:
+        action()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # The temporaries of atomic_path / atomic_folder: '.<name>.<8 random characters of mkstemp>.tmp', and the

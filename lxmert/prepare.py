@@ -26,7 +26,7 @@ import numpy as np
 
 from .answers import AnswerVocab, normalize_answer, soft_score
 from .features import StoreWriter
-from .io import InputError, atomic_folder, read_json, write_json
+from .io import InputError, atomic_folder, exit_code, read_json, write_json
 
 COCO_SPLITS = ("train2014", "val2014", "test2015")
 # VQA v2's test-dev questions name their subset, but their images are test2015 images.
@@ -513,17 +513,9 @@ def _run_vqavs(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "vqa":
-            _run_vqa(args)
-        elif args.command == "vqavs":
-            _run_vqavs(args)
-        else:
-            prepare_features(args.tsv, args.out, args.dtype, args.overwrite)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    run = {"vqa": lambda: _run_vqa(args), "vqavs": lambda: _run_vqavs(args),
+           "features": lambda: prepare_features(args.tsv, args.out, args.dtype, args.overwrite)}
+    return exit_code(run[args.command])
 
 
 if __name__ == "__main__":
