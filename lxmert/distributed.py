@@ -60,7 +60,7 @@ def broadcast(obj: Any) -> Any:
 def mean(value: float) -> float:
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device())  # NCCL reduces GPU tensors only
     dist.all_reduce(t)
     return float(t.item()) / world()
 
