@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def _run(command: str, cfg) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except OSError as e:
-        if e.errno == 28:
+        if e.errno == errno.ENOSPC:
             print(f"error: {e}", file=sys.stderr)
             return 4
         raise
