@@ -121,11 +121,13 @@ class VQADataset(torch.utils.data.Dataset):
         index = np.asarray(index)
         sp = self.split
         rows = sp.rows[index]
-        order = np.argsort(rows, kind="stable")
         feats = np.empty((len(index), self.store.num_boxes, self.store.feat_dim), np.float32)
         boxes = np.empty((len(index), self.store.num_boxes, 4), np.float32)
-        feats[order] = self.store._features[rows[order]]
-        boxes[order] = self.store._boxes[rows[order]]
+        # Rows read in store order (sequential on disk), each copied once straight into its slot: a
+        # fancy-index gather would build a temporary and copy twice.
+        for j in np.argsort(rows, kind="stable"):
+            feats[j] = self.store._features[rows[j]]
+            boxes[j] = self.store._boxes[rows[j]]
         mask = sp.attention_mask[index]
         length = max(int(mask.sum(1).max()), 1)
         return {
