@@ -45,12 +45,10 @@ def predict(model: torch.nn.Module, dataset: VQADataset, batch_size: int, device
 def scores_of(dataset: VQADataset, preds: np.ndarray) -> np.ndarray:
     """Soft score of each predicted answer (0 where the answer is not in the question's label)."""
     sp = dataset.split
+    row = np.repeat(np.arange(len(preds)), np.diff(sp.label_ptr))  # question of each label entry
+    hit = sp.label_idx == preds[row]  # a question's label lists each answer once
     out = np.zeros(len(preds), np.float64)
-    for i, p in enumerate(preds):
-        a, b = sp.label_ptr[i], sp.label_ptr[i + 1]
-        hit = np.flatnonzero(sp.label_idx[a:b] == p)
-        if len(hit):
-            out[i] = sp.label_score[a + hit[0]]
+    out[row[hit]] = sp.label_score[hit]
     return out
 
 
