@@ -48,6 +48,8 @@ def train_blind(train: VQADataset, evals: dict[str, VQADataset], vocab_size: int
     out = {}
     with torch.no_grad():
         for name, ds in evals.items():
-            preds = model(torch.from_numpy(ds.split.input_ids)).argmax(1).numpy()
+            # in chunks: all logits of a real split at once would be questions x answers floats (GBs)
+            chunks = torch.from_numpy(ds.split.input_ids).split(4096)
+            preds = torch.cat([model(c).argmax(1) for c in chunks]).numpy()
             out[name] = accuracy(ds, preds)
     return out
