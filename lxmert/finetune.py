@@ -6,6 +6,7 @@ result/<experiment>/finetune.json               per seed: final/best accuracy, b
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import shutil
@@ -49,15 +50,18 @@ class Context:
     def seed_dir(self, seed: int) -> Path:
         return self.cfg.model_dir / f"seed_{seed}"
 
+    @functools.cached_property
     def prior(self) -> torch.Tensor:
-        """Question-type answer prior from the training split only (extra zero row: unseen types)."""
+        """Question-type answer prior from the training split only (extra zero row: unseen types);
+        computed once per experiment, only when a loss needs it."""
         train = self.data.train
         sp = train.split
         return question_type_prior(train.qtypes, (sp.label_ptr, sp.label_idx, sp.label_score),
                                    len(self.data.qtype_index) + 1, self.data.num_answers)
 
     def loss(self, name: str, model: VQAModel) -> torch.nn.Module:
-        return make_loss(name, self.prior(), model.encoder.config.hidden_size, self.cfg.debias)
+        prior = None if name == "bce" else self.prior
+        return make_loss(name, prior, model.encoder.config.hidden_size, self.cfg.debias)
 
     def new_model(self, seed: int) -> VQAModel:
         """A fresh model; its initialisation depends on the seed only."""
