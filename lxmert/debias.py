@@ -38,9 +38,9 @@ from . import distributed as dist
 from .config import Config
 from .data import BatchSampler
 from .finetune import Context, dense, train_run
-from .io import read_json, save_tensors, write_json, write_with
+from .io import read_json, save_tensors, write_json
 from .lottery import LotteryRun
-from .masks import full_mask, load_mask_for, measure_weights, save_mask
+from .masks import fractions, full_mask, load_mask_for, measure_weights, save_mask
 from .masktrain import MASKED_MODALITIES, LearnedMasks
 from .modeling import VQAModel, prunable_tensors
 from .training import RunSpec, load_weights, metrics_log
@@ -63,12 +63,6 @@ def sparsity_settings(cfg: Config) -> list[tuple[str, Target]]:
         target = dict(zip(MASKED_MODALITIES, values))
         out.append(("-".join(f"{TAG_LETTERS[m]}{_pct(v)}" for m, v in target.items()), target))
     return out
-
-
-def _fractions(report: dict) -> dict[str, float]:
-    """A masks.sparsity_report (percent) as fractions: overall and per modality."""
-    return {"overall": round(report["overall"] / 100, 6),
-            **{m: round(v / 100, 6) for m, v in report["by_modality"].items()}}
 
 
 class SeedStudy:
@@ -216,7 +210,7 @@ class SeedStudy:
         return {
             "setting": setting, "seed": self.seed, "stage": stage, "stage1_loss": s1, "stage2_loss": s2,
             "sparsity_tag": tag, "target_sparsity": target,
-            "measured_sparsity": round(measured["overall"] / 100, 6), "measured_by_modality": _fractions(measured),
+            "measured_sparsity": fractions(measured)["overall"], "measured_by_modality": fractions(measured),
             "valid_split": valid, "valid": final[valid]["overall"], "valid_best": best[valid]["overall"],
             "final": {k: v for k, v in final.items() if k != valid},
             "best": {k: v for k, v in best.items() if k != valid},
@@ -329,7 +323,7 @@ PLOT_STAGES = {"stage2": ("-", "o", ""), "stage3": ("--", "s", " + stage 3"), "l
 def plot_debias(result: dict, split: str, path: Path) -> None:
     """Accuracy on one test split against measured sparsity: a line per setting and stage over the uniform
     sparsities, a hollow marker per per-modality setting, full models and question-only as horizontal lines."""
-    from .plots import plt
+    from .plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -358,8 +352,7 @@ def plot_debias(result: dict, split: str, path: Path) -> None:
     ax.set(xlim=(0, 100), xlabel="measured sparsity (%)", ylabel=f"{split} accuracy (%)",
            title=f"{result['experiment']}: {split} accuracy of the final models")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_debias(cfg: Config, result: dict) -> None:

@@ -25,17 +25,12 @@ from . import distributed as dist
 from .config import Config
 from .finetune import Context, run_finetune, train_run
 from .io import read_json, write_json, write_text
-from .masks import apply_mask, full_mask, load_mask_for, measure_weights, save_mask
+from .masks import apply_mask, fractions, full_mask, load_mask_for, measure_weights, save_mask
 from .modeling import VQAModel, prunable_tensors
 from .pruning import prune
 from .training import RunSpec, load_weights, metrics_log
 
 log = logging.getLogger("lxmert")
-
-
-def _pct(report: dict) -> dict:
-    return {"overall": round(report["overall"] / 100, 6),
-            **{m: round(v / 100, 6) for m, v in report["by_modality"].items()}}
 
 
 class LotteryRun:
@@ -97,8 +92,8 @@ class LotteryRun:
         measured = measure_weights(self.model, self.prunable)
         row = {
             "mode": self.mode, "seed": self.seed, "target_sparsity": level,
-            "measured_sparsity": round(measured["overall"] / 100, 6),
-            "measured_by_modality": _pct(measured)} | {
+            "measured_sparsity": fractions(measured)["overall"],
+            "measured_by_modality": fractions(measured)} | {
             "accuracy_pruned": acc_pruned, "accuracy_rewound": acc_rewound,
             "accuracy_retrained": summary["final"]["overall"], "accuracy_retrained_best": summary["best"]["overall"],
             "best_epoch": summary["best_epoch"], "retrained_by_type": summary["final"],

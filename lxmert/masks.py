@@ -47,6 +47,12 @@ def measure_weights(model: nn.Module, prunable: list[PrunableTensor]) -> dict:
     return sparsity_report(zeros, sizes, {t.name: t.modality for t in prunable})
 
 
+def fractions(report: dict) -> dict[str, float]:
+    """A sparsity report (percent) as fractions: overall and per modality, the form result rows use."""
+    return {"overall": round(report["overall"] / 100, 6),
+            **{m: round(v / 100, 6) for m, v in report["by_modality"].items()}}
+
+
 def measure_mask(mask: dict[str, torch.Tensor], modalities: dict[str, str]) -> dict:
     zeros = {k: int((~v).sum()) for k, v in mask.items()}
     return sparsity_report(zeros, {k: v.numel() for k, v in mask.items()}, modalities)

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from .io import write_text, write_with  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
@@ -32,7 +32,7 @@ def plot_finetune(result: dict, path: Path) -> None:
     ax_acc.set(xlabel="epoch", ylabel=f"{valid} accuracy (%)", title=f"{result['experiment']}: validation accuracy")
     ax_loss.legend()
     ax_acc.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 LOTTERY_CURVES = [("accuracy_retrained", "retrained", "-"), ("accuracy_rewound", "rewound (before retraining)", ":"),
@@ -64,7 +64,7 @@ def plot_lottery(result: dict, folder: Path) -> list[Path]:
                title=f"{result['experiment']}: {mode.replace('_', ' ')}")
         ax.legend(fontsize=8)
         paths.append(folder / f"lottery_{mode}.png")
-        _save(fig, paths[-1])
+        save_figure(fig, paths[-1])
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in modes:
         x, y, e = _by_level([r for r in rows if r["mode"] == mode], "accuracy_retrained")
@@ -74,7 +74,7 @@ def plot_lottery(result: dict, folder: Path) -> list[Path]:
            title=f"{result['experiment']}: retrained accuracy, all modes")
     ax.legend(fontsize=8)
     paths.append(folder / "lottery_all.png")
-    _save(fig, paths[-1])
+    save_figure(fig, paths[-1])
     return paths
 
 
@@ -114,4 +114,4 @@ def write_table(header: list[str], body: list[list[str]], md_path: Path, png_pat
     table.set_fontsize(8)
     table.scale(1, 1.3)
     ax.set_title(title, fontsize=9)
-    _save(fig, png_path)
+    save_figure(fig, png_path)
