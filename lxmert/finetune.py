@@ -174,10 +174,7 @@ def run_finetune(cfg: Config, ctx: Optional[Context] = None) -> dict:
     seeds = {}
     for seed in cfg.seeds:
         model, summary = dense(ctx, seed, capture_step=cfg.lottery.rewind_steps)
-        best = cfg.model_dir / f"seed_{seed}" / "dense" / "best" / "model.safetensors"
-        load_weights(model, best)
-        tests = ctx.evaluate(model, list(ctx.data.tests))
-        write_predictions(ctx, model, seed)
+        tests = best_model_tests(ctx, model, seed)
         blind = ctx.blind(seed)
         seeds[str(seed)] = {
             "final": summary["final"], "best": summary["best"], "best_epoch": summary["best_epoch"],
@@ -208,13 +205,24 @@ def export_encoder(ctx: Context, seed: int, folder: str) -> None:
     log.info("exported the encoder of seed %d to %s", seed, folder)
 
 
-def write_predictions(ctx: Context, model: VQAModel, seed: int) -> None:
-    sets = {ctx.cfg.data.valid: ctx.data.valid, **ctx.data.tests}
-    for name, ds in sets.items():
+def best_model_tests(ctx: Context, model: VQAModel, seed: int) -> dict[str, dict]:
+    """The best-on-valid model's predictions files (valid and test splits) and its accuracy on the
+    labelled test splits: one prediction pass per split, done once per seed (cached in the run folder)."""
+    cache = ctx.seed_dir(seed) / "dense" / "tests.json"
+    if cache.exists():
+        return read_json(cache)
+    load_weights(model, ctx.seed_dir(seed) / "dense" / "best" / "model.safetensors")
+    tests = {}
+    for name, ds in {ctx.cfg.data.valid: ctx.data.valid, **ctx.data.tests}.items():
         preds = predict(model, ds, ctx.cfg.train.eval_batch_size, dist.device(), ctx.cfg.train.precision)
+        if name in ctx.data.tests and ds.split.has_labels:
+            tests[name] = accuracy(ds, preds)
         if dist.is_main():
             write_json(ctx.cfg.result_dir / f"predictions_seed{seed}_{name}.json",
                        predictions_json(ds, preds, ctx.data.vocab.label2ans), indent=None)
+    if dist.is_main():
+        write_json(cache, tests)
+    return tests
 
 
 def _mean_over_seeds(seeds: dict, valid: str) -> dict:
