@@ -172,7 +172,9 @@ class SeedStudy:
         if (folder / "result.json").exists():
             return read_json(folder / "result.json")
         started = time.time()
-        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, loss="bce"))
+        # the level is pruned one-shot from the BCE model with BCE retraining: say so in the row
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, loss="bce"),
+                                  lottery=dataclasses.replace(self.cfg.lottery, schedule="oneshot"))
         run = LotteryRun(Context(cfg, self.ctx.data), self.model, self.seed, "low_magnitude")
         bce = self.stage1_folder("bce")
         run.folder, run.dense_weights = folder, bce / "final" / "model.safetensors"

@@ -85,6 +85,7 @@ def test_stage3_keeps_the_stage2_mask(study):
         assert any(not torch.equal(weights[k], stage2[k]) for k in mask)  # stage 3 did train
     lottery = next(r for r in result["rows"] if r["stage"] == "lottery")
     assert lottery["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert lottery["lottery"]["schedule"] == "oneshot"  # pruned once from the BCE model, whatever the config says
 
 
 def test_rerun_recomputes_nothing(study, monkeypatch):
