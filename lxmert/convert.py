@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from .answers import AnswerVocab, normalize_answer
-from .io import InputError, atomic_folder, exit_code, read_json, save_tensors, write_json
+from .io import InputError, atomic_folder, exit_code, read_json, refuse_existing, save_tensors, write_json
 from .modeling import HEAD_FILE, answer_head
 
 ENCODER_PREFIX = "bert."
@@ -223,9 +223,7 @@ def convert(checkpoint: str | Path, answers: str | Path, out: str | Path,
             pretrained_answers: Optional[str | Path] = None, num_attention_heads: Optional[int] = None,
             seed: int = 0, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Convert; everything is checked before the output folder appears (written whole, then renamed)."""
-    if Path(out).exists() and not overwrite:
-        raise InputError(f"{out} already exists; remove it or pass --overwrite")
-    _require(Path(checkpoint), "checkpoint")
+    refuse_existing(out, overwrite)
     _require(Path(answers), "answer vocabulary")
     vocab = AnswerVocab.load(answers)
     state = read_checkpoint(checkpoint)

@@ -166,13 +166,18 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Stop before any work when an output folder exists and may not be replaced."""
+    if Path(path).exists() and not overwrite:
+        raise InputError(f"{path} already exists; remove it or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder next to `path`; on success it replaces `path`, on any error it
     is deleted, so readers only ever see a complete folder (a store is many files written for hours)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; remove it or pass --overwrite")
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

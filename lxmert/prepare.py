@@ -26,7 +26,7 @@ import numpy as np
 
 from .answers import AnswerVocab, normalize_answer, soft_score
 from .features import StoreWriter
-from .io import InputError, atomic_folder, exit_code, read_json, write_json
+from .io import InputError, atomic_folder, exit_code, read_json, refuse_existing, write_json
 
 COCO_SPLITS = ("train2014", "val2014", "test2015")
 # VQA v2's test-dev questions name their subset, but their images are test2015 images.
@@ -413,6 +413,7 @@ def prepare_features(tsv_files: Sequence[str | Path], out: str | Path, dtype: st
     line at a time into memory maps, so the 17 GB files never sit in RAM."""
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype: '{dtype}' is not float32 or float16")
+    refuse_existing(out, overwrite)  # before reading the (17 GB) files, not after
     paths = [Path(p) for p in tsv_files]
     total = sum(_count_records(p) for p in paths)
     shape = _first_shape(paths)
