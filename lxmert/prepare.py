@@ -17,14 +17,13 @@ import base64
 import binascii
 import csv
 import sys
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .answers import AnswerVocab, normalize_answer, soft_score
+from .answers import AnswerVocab, normalize_answer, soft_label
 from .features import StoreWriter
 from .io import InputError, atomic_folder, exit_code, read_json, refuse_existing, write_json
 
@@ -86,7 +85,7 @@ class Entry:
         """LXMERT's question format; like LXMERT's files the label keeps in-vocabulary answers only."""
         if self.answers is None:
             return {"img_id": self.img_id, "question_id": self.question_id, "sent": self.sent}
-        label = {a: soft_score(n) for a, n in Counter(self.answers).items() if a in vocab.ans2label}
+        label = {a: s for a, s in soft_label(self.answers).items() if a in vocab.ans2label}
         return {"answer_type": self.answer_type, "img_id": self.img_id, "label": label,
                 "question_id": self.question_id, "question_type": self.question_type, "sent": self.sent}
 
