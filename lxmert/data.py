@@ -118,6 +118,11 @@ class VQADataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: list[int]) -> dict[str, torch.Tensor]:
+        return self.batch(index)
+
+    def batch(self, index: list[int], targets: bool = True) -> dict[str, torch.Tensor]:
+        """The model's inputs for these questions, plus (for training) dense targets, question types
+        and the indices; prediction asks for the inputs only."""
         index = np.asarray(index)
         sp = self.split
         rows = sp.rows[index]
@@ -130,13 +135,13 @@ class VQADataset(torch.utils.data.Dataset):
             boxes[j] = self.store._boxes[rows[j]]
         mask = sp.attention_mask[index]
         length = max(int(mask.sum(1).max()), 1)
-        return {
-            "input_ids": torch.from_numpy(sp.input_ids[index, :length]),
-            "attention_mask": torch.from_numpy(mask[:, :length]),
-            "visual_feats": torch.from_numpy(feats), "visual_pos": torch.from_numpy(boxes),
-            "target": torch.from_numpy(sp.dense_targets(index, self.num_answers)),
-            "qtype": torch.from_numpy(self.qtypes[index]), "index": torch.from_numpy(index),
-        }
+        out = {"input_ids": torch.from_numpy(sp.input_ids[index, :length]),
+               "attention_mask": torch.from_numpy(mask[:, :length]),
+               "visual_feats": torch.from_numpy(feats), "visual_pos": torch.from_numpy(boxes)}
+        if targets:
+            out.update(target=torch.from_numpy(sp.dense_targets(index, self.num_answers)),
+                       qtype=torch.from_numpy(self.qtypes[index]), index=torch.from_numpy(index))
+        return out
 
 
 class BatchSampler(torch.utils.data.Sampler):

@@ -33,7 +33,7 @@ def predict(model: torch.nn.Module, dataset: VQADataset, batch_size: int, device
     lo, hi = dist.rank() * per, min(n, (dist.rank() + 1) * per)
     preds = []
     for start in range(lo, hi, batch_size):
-        batch = to_device(dataset[list(range(start, min(hi, start + batch_size)))], device)
+        batch = to_device(dataset.batch(list(range(start, min(hi, start + batch_size))), targets=False), device)
         with autocast(device, precision):
             logits, _ = model(batch)
         preds.append(logits.argmax(1).cpu().numpy())
