@@ -2,13 +2,13 @@
 
 A split is loaded once: questions are validated, tokenized in one call, their labels turned into
 sparse (CSR) soft-score arrays and their images resolved to feature-store rows. A batch is built
-in one go from a list of indices (one memory-map gather, no per-sample collate).
+in one go from a list of indices (rows read in store order, no per-sample collate).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ class Split:
     question_ids: np.ndarray
     question_types: list[str]
     answer_types: list[str]
-    sentences: list[str]
     input_ids: np.ndarray
     attention_mask: np.ndarray
     rows: np.ndarray
@@ -98,7 +97,6 @@ def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, m
         name=path.stem, question_ids=np.array([q["question_id"] for q in questions]),
         question_types=[q.get("question_type", "unknown") for q in questions],
         answer_types=[q.get("answer_type", "unknown") for q in questions],
-        sentences=[q["sent"] for q in questions],
         input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64),
         rows=np.array([store.row(q["img_id"]) for q in questions], np.int64),
         label_ptr=np.array(ptr, np.int64), label_idx=np.array(idx, np.int64),
@@ -206,13 +204,13 @@ def _concat(splits: list[Split]) -> Split:
     return Split(name="+".join(s.name for s in splits), question_ids=cat("question_ids"),
                  question_types=sum((s.question_types for s in splits), []),
                  answer_types=sum((s.answer_types for s in splits), []),
-                 sentences=sum((s.sentences for s in splits), []), input_ids=cat("input_ids"),
+                 input_ids=cat("input_ids"),
                  attention_mask=cat("attention_mask"), rows=cat("rows"), label_ptr=ptr,
                  label_idx=cat("label_idx"), label_score=cat("label_score"),
                  has_labels=all(s.has_labels for s in splits), out_of_vocab=sum(s.out_of_vocab for s in splits))
 
 
-def load_data(cfg: Config, log=print, names: Optional[dict] = None) -> Data:
+def load_data(cfg: Config, log=print) -> Data:
     """Load the splits a config names (generating the embedded benchmark first if needed)."""
     d = cfg.data
     root = Path(d.root)
