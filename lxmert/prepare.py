@@ -350,7 +350,7 @@ def _decode(row: list[str], name: str, dtype: str, where: str) -> np.ndarray:
         raise InputError(f"{where}: field '{name}' is not valid base64 ({e}); truncated line?") from None
     if len(buf) % np.dtype(dtype).itemsize:
         raise InputError(f"{where}: field '{name}' has {len(buf)} bytes, not a whole number of {dtype} values")
-    return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)  # no copy on LE
 
 
 def _number(row: list[str], name: str, kind: type, where: str) -> float:
@@ -379,7 +379,7 @@ def parse_record(row: list[str], where: str, feat_dim: Optional[int] = None) -> 
         raise InputError(f"{where}: field 'features' holds {feats.size} values, expected num_boxes x feat_dim "
                          f"= {n} x {dim}")
     boxes = boxes.reshape(n, 4) / np.array([img_w, img_h, img_w, img_h], np.float32)
-    return row[0], feats.reshape(n, dim), boxes.astype(np.float32)
+    return row[0], feats.reshape(n, dim), boxes.astype(np.float32, copy=False)
 
 
 def _first_shape(paths: Sequence[Path]) -> _Shape:
