@@ -53,7 +53,7 @@ export PY
 # for real data): configs that start from data/embedded/pretrained get it made first, once, by
 # run/configs/embedded_pretrain.yaml (a few minutes on 2 CPU cores; resumable like every run).
 ensure_embedded_pretrained() {
-  if grep -qE '^\s*pretrained:\s*data/embedded/pretrained\s*(#.*)?$' "$1" && [ ! -f data/embedded/pretrained/config.json ]; then
+  if grep -qsE '^\s*pretrained:\s*data/embedded/pretrained\s*(#.*)?$' "$1" && [ ! -f data/embedded/pretrained/config.json ]; then
     echo "setup: making the embedded benchmark's pretrained encoder (run/configs/embedded_pretrain.yaml)" >&2
     "$PY" -m lxmert finetune --config run/configs/embedded_pretrain.yaml
   fi
