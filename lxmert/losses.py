@@ -90,9 +90,13 @@ class LMHLoss(nn.Module):
     finite where b = 0. The entropy term penalises a bias pair that the gate flattens into uselessness
     (g -> 0), which is the degenerate solution without it.
 
-    Reduction: BCE part and entropy part are each summed over answers and averaged over the batch:
-        loss = mean_i sum_a -(y log p1 + (1 - y) log p0) + entropy_weight * mean_i sum_a H(q_ia),
+    Reduction: the BCE part is summed over answers and averaged over the batch, the entropy part is
+    averaged over batch x answers (A times weaker than a sum over answers):
+        loss = mean_i sum_a -(y log p1 + (1 - y) log p0) + entropy_weight * mean_{i,a} H(q_ia),
     with H(q) = -(q1 log q1 + q0 log q0) the entropy of the renormalised bias pair q = softmax(bias pair).
+    Both reductions as in Clark et al.'s LearnedMixin (chrisc36/bottom-up-attention-vqa,
+    vqa_debias_loss_functions.py lines 121 and 180: `.sum(1).mean(0)` and `.sum(2).mean()`) and in
+    Si et al.'s copy (PhoebusSi/Compress-Robust-VQA, hg_transformers/vqa_debias_loss_functions.py line 194).
     """
 
     def __init__(self, prior: torch.Tensor, hidden: int, entropy_weight: float = 0.36):
@@ -122,7 +126,7 @@ class LMHLoss(nn.Module):
         logp1, logp0 = _log_softmax_pair(F.logsigmoid(z) + bias1, F.logsigmoid(-z) + bias0)
         bce = -(y * logp1 + (1.0 - y) * logp0).sum(1).mean()
         q1, q0 = _log_softmax_pair(bias1, bias0)
-        entropy = -(q1.exp() * q1 + q0.exp() * q0).sum(1).mean()
+        entropy = -(q1.exp() * q1 + q0.exp() * q0).mean()  # mean over batch x answers, not a sum over answers
         return bce + self.entropy_weight * entropy
 
 

@@ -86,7 +86,7 @@ def test_lmh_simple_numbers():
     # answer 0: b = .5 -> bias pair (log 1, log 1) = (0, 0): p1 = sigmoid(ln 3) = .75; bias entropy ln2.
     # answer 1: b = .25 -> bias (log .75, log 1.25); model (log .5, log .5); p1 = .375/(.375+.625) = .375.
     bce = -(0.6 * math.log(0.75) + 0.4 * math.log(0.25)) - math.log(0.375)
-    ent = math.log(2) + _entropy2(0.375)
+    ent = (math.log(2) + _entropy2(0.375)) / 2  # mean over batch x answers (1 x 2), as Clark et al.
     got = loss(logits, target, torch.zeros(1, 2), torch.tensor([0]))
     assert got.item() == pytest.approx(bce + 0.36 * ent, rel=1e-6)
 
@@ -113,7 +113,7 @@ def test_lmh_batch_with_gate_and_default_smoothing():
             p1 = u1 / (u1 + u0)
             total_bce -= y * math.log(p1) + (1 - y) * math.log(1 - p1)
             total_ent += _entropy2((b + s) ** g / ((b + s) ** g + (1 - b + s) ** g))
-    expected = total_bce / 2 + 0.36 * total_ent / 2
+    expected = total_bce / 2 + 0.36 * total_ent / (2 * 3)  # BCE: mean over batch; entropy: over batch x answers
     got = loss(torch.tensor(logits), torch.tensor(target), torch.tensor(pooled), torch.tensor(qtype))
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
