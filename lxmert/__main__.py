@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, describe, load_config
-from .io import InputError, remove_temporaries
+from .io import InputError
 
 COMMANDS = {
     "generate": "write the embedded benchmark of the config (done automatically by the other commands)",
@@ -29,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         print("\n".join(describe()))
         return 0
-    _quiet_transformers()
     try:
         cfg = load_config(args.config, args.overrides)
+        _quiet_transformers()
         return _run(args.command, cfg)
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
+        return 130
 
 
 def _quiet_transformers() -> None:
@@ -48,12 +51,11 @@ def _quiet_transformers() -> None:
 def _run(command: str, cfg) -> int:
     from .training import TrainingDiverged
 
-    _remove_stale_temporaries(command, cfg)
     try:
         if command == "generate":
-            from .benchmark import ensure_embedded
+            from .data import prepare_embedded
 
-            ensure_embedded(cfg.data.embedded, cfg.data.root)
+            prepare_embedded(cfg)
         elif command == "finetune":
             from .finetune import run_finetune
 
@@ -67,9 +69,11 @@ def _run(command: str, cfg) -> int:
 
             run_debias(cfg)
         elif command == "plots":
+            from .debias import redraw as redraw_debias
             from .lottery import redraw
 
             redraw(cfg)
+            redraw_debias(cfg)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -80,23 +84,6 @@ def _run(command: str, cfg) -> int:
         raise
     return 0
 
-
-def _remove_stale_temporaries(command: str, cfg) -> None:
-    """A run killed inside a write leaves a hidden temporary behind: remove those of the experiment's
-    folders before it starts or resumes. Not for `plots`, which may run beside the study it draws. Only
-    rank 0 writes there, so only it cleans (under torchrun the other ranks may already be running). The
-    data root's own temporaries (an interrupted generation) are cleaned by single processes only: under
-    torchrun every rank may be generating it at this moment."""
-    if command == "plots" or os.environ.get("RANK", "0") != "0":
-        return
-    removed = []
-    if command != "generate":
-        removed += remove_temporaries(cfg.model_dir) + remove_temporaries(cfg.result_dir)
-    root = Path(cfg.data.root)
-    if "RANK" not in os.environ:
-        removed += remove_temporaries(root.parent, of=root.name)
-    for path in removed:
-        print(f"removed {path}, left behind by an interrupted write")
 
 if __name__ == "__main__":
     sys.exit(main())

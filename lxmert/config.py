@@ -6,6 +6,7 @@ stops the run before anything is written, with an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,25 @@ def _all_fractions(v: Any) -> bool:
     return all(0.0 <= x < 1.0 for x in v)
 
 
+def _names(v: Any, allow_empty: bool = True) -> bool:
+    return (allow_empty or len(v) > 0) and all(isinstance(x, str) and x for x in v)
+
+
+# Default prunable set of study A (LXMERT): every Linear weight of the encoders (language, vision with the
+# visual feature and box projections, cross-modality) and of the pooler; not the embeddings, not the QA head.
+PRUNABLE_DEFAULT = ("encoder.encoder.*", "encoder.pooler.*")
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+# Split names that are test splits (never used for model selection): the embedded test / cp_test,
+# VQA v2's test, VQA-CP's cp_test, VQA-VS's test_iid and ood_* sets.
+TEST_SPLIT = re.compile(r"test|^ood_")
+MAX_SEED = 2**31 - 1
+
+
+def level_name(level: float) -> str:
+    """The folder of a pruning level: level_<percent, 2 decimals>."""
+    return f"level_{round(100 * level, 2):g}"
+
+
 @dataclass
 class EmbeddedConfig:
     """Parameters of the synthetic benchmark the project generates itself."""
@@ -76,9 +96,12 @@ class DataConfig:
                       "one of embedded, prepared")
     root: str = _f("data/embedded", "folder with the question JSON files, answer vocab and feature store")
     features: str = _f("features", "feature store folder, relative to root unless absolute")
-    train: list = _f(["train"], "question files (names without .json) used for training")
-    valid: str = _f("minival", "question file used for model selection (never a test split)")
-    test: list = _f(["test"], "question files evaluated with the selected model")
+    train: list = _f(["train"], "question files (names without .json) used for training",
+                     lambda v: _names(v, allow_empty=False), "a non-empty list of split names")
+    valid: str = _f("minival", "question file used for model selection (never a test split)",
+                    lambda v: bool(v) and not TEST_SPLIT.search(v),
+                    "a split name that is not a test split (no 'test' in it, not ood_*)")
+    test: list = _f(["test"], "question files evaluated with the selected model", _names, "a list of split names")
     ans2label: str = _f("trainval_ans2label.json", "answer vocabulary file in root")
     max_seq_length: int = _f(20, "question tokens, [CLS] and [SEP] included", _positive, "> 0")
     num_workers: int = _f(0, "DataLoader worker processes (they share the memory-mapped store)",
@@ -131,8 +154,9 @@ class LotteryConfig:
                      lambda v: len(v) > 0 and all(m in ("low_magnitude", "random", "high_magnitude") for m in v),
                      "a non-empty list of low_magnitude, random, high_magnitude")
     levels: list = _f([0.2, 0.4, 0.6, 0.8], "target sparsities (fractions of the prunable weights)",
-                      lambda v: len(v) > 0 and _all_fractions(v) and list(v) == sorted(v),
-                      "an increasing non-empty list of values in [0, 1)")
+                      lambda v: len(v) > 0 and _all_fractions(v) and all(a < b for a, b in zip(v, v[1:]))
+                      and len({level_name(x) for x in v}) == len(v),
+                      "a strictly increasing non-empty list of values in [0, 1), distinct at 0.01 %")
     schedule: str = _f("iterative", "'iterative' (IMP: each level from the last) or 'oneshot' (each level "
                        "from the dense model)", lambda v: v in ("iterative", "oneshot"),
                        "one of iterative, oneshot")
@@ -140,8 +164,12 @@ class LotteryConfig:
                     lambda v: v in ("global", "layer"), "one of global, layer")
     rewind_steps: int = _f(0, "rewind point: 0 = weights before fine-tuning, k = after k dense steps",
                            _non_negative, ">= 0")
-    include_embeddings: bool = _f(False, "also prune the word embeddings")
-    include_head: bool = _f(False, "also prune the Linear weights of the QA head")
+    prune_from: str = _f("final", "weights a level is pruned from: 'final' (last epoch) or 'best' (best epoch on "
+                         "the validation split, as the original code)", lambda v: v in ("final", "best"),
+                         "one of final, best")
+    prunable: list = _f(list(PRUNABLE_DEFAULT), "the prunable set: glob patterns over the names of the model's "
+                        "Linear and Embedding weights (modeling.prunable_tensors); biases and LayerNorms never match",
+                        lambda v: _names(v, allow_empty=False), "a non-empty list of name patterns")
 
 
 @dataclass
@@ -170,9 +198,12 @@ class DebiasConfig:
 
 @dataclass
 class Config:
-    experiment: str = _f("embedded", "name; outputs go to models/<name>, logs/<name>.log, result/<name>")
+    experiment: str = _f("embedded", "name; outputs go to models/<name>, logs/<name>.log, result/<name>",
+                         lambda v: bool(EXPERIMENT_NAME.match(v)),
+                         "a name of letters, digits, '_', '-', '.' not starting with '.' (not a path)")
     seeds: list = _f([0], "seeds; each controls data order, initialisation and random pruning",
-                     lambda v: len(v) > 0 and all(isinstance(s, int) for s in v), "a non-empty list of ints")
+                     lambda v: len(v) > 0 and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
+                                                  for s in v), f"a non-empty list of ints in [0, {MAX_SEED}]")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "fine-tuning"})
@@ -269,14 +300,31 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: where and what (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{where}{' '.join(str(what).split())}"
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(e)})") from None
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """Turn ['train.epochs=2', 'seeds=[0,1]'] into a nested dict (values parsed as YAML)."""
+    """Turn ['train.epochs=2', 'seeds=[0,1]'] into a nested dict (values parsed as safe YAML)."""
     tree: dict = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(f"override '{item}': '{key}' is not a key like section.name")
+        _set_dotted(tree, key.strip(), _safe_yaml(raw, f"override '{item}'"))
     return tree
 
 
@@ -294,13 +342,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML config?") from None
+        values = _safe_yaml(text, str(path)) or {}
     if overrides:
         values = _merge(values, parse_overrides(overrides))
         source += " + overrides"
@@ -327,6 +374,38 @@ def _cross_checks(config: Config, source: str) -> None:
                                   f"{values[0]} cannot be met, VisualBERT has no separate language stream (use 0)")
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"{source}: key 'seeds' has repeated values: {config.seeds}")
+    d = config.data
+    for name in [*d.train, *d.test]:
+        if name == d.valid:
+            raise ConfigError(f"{source}: key 'data.valid' ({d.valid!r}) is also in data.train or data.test: "
+                              "model selection needs a split of its own")
+    for name in d.train:
+        if TEST_SPLIT.search(name):
+            raise ConfigError(f"{source}: key 'data.train' names the test split {name!r}")
+
+
+# The keys that decide what a unit of work computes (lxmert.units records them per unit and refuses a rerun
+# that changes them). Grid keys (seeds, lottery.modes, lottery.levels, data.test, the loss lists and
+# sparsities of debias) are not among them: changing those adds or drops units.
+DATA_KEYS = ["data.dataset", "data.root", "data.features", "data.train", "data.valid", "data.ans2label",
+             "data.max_seq_length", "data.embedded"]
+TRAIN_KEYS = ["train.epochs", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
+              "train.warmup", "train.clip", "train.loss", "train.precision", "train.compile"]
+
+
+def model_keys() -> list[str]:
+    return [f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "export"]
+
+
+def unit_settings(cfg: Config, keys: list[str], **overrides: Any) -> dict:
+    """{dotted key: value} of the config for `keys` (sections expand to all their keys), with overrides
+    for what a unit sets itself (e.g. the loss of a study-B stage)."""
+    from .units import settings_of
+
+    out = settings_of(cfg.to_dict(), keys)
+    for key, value in overrides.items():
+        out[key.replace("__", ".")] = value
+    return out
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

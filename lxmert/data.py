@@ -6,6 +6,7 @@ in one go from a list of indices (rows read in store order, no per-sample collat
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +18,7 @@ from .answers import AnswerVocab
 from .benchmark import ensure_embedded
 from .config import Config
 from .features import FeatureStore
-from .io import InputError, read_json
+from .io import FileLock, InputError, read_json, remove_temporaries
 
 REQUIRED = ("img_id", "sent", "question_id")
 
@@ -62,18 +63,44 @@ class Split:
 
 
 def _validate(questions, path: Path) -> None:
+    """Every question of a file, field by field: the first bad one is one error naming it."""
     if not isinstance(questions, list):
         raise InputError(f"{path}: expected a JSON list of questions")
     if not questions:
         raise InputError(f"{path}: the split is empty")
+    seen: set = set()
     for i, q in enumerate(questions):
         if not isinstance(q, dict):
             raise InputError(f"{path}: question #{i} is not an object")
         for key in REQUIRED:
             if key not in q:
                 raise InputError(f"{path}: question #{i} has no field '{key}'")
-        if "label" in q and not isinstance(q["label"], dict):
-            raise InputError(f"{path}: question #{i} field 'label' must be an object answer -> score")
+        where = f"{path}: question #{i}"
+        if not isinstance(q["sent"], str):
+            raise InputError(f"{where} field 'sent' must be a string, got {q['sent']!r:.60}")
+        if not isinstance(q["img_id"], str) or not q["img_id"]:
+            raise InputError(f"{where} field 'img_id' must be a non-empty string, got {q['img_id']!r:.60}")
+        qid = q["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+            raise InputError(f"{where} field 'question_id' must be an integer or a string, got {qid!r:.60}")
+        if qid in seen:
+            raise InputError(f"{where} repeats question_id {qid}")
+        seen.add(qid)
+        for key in ("question_type", "answer_type"):
+            if key in q and not isinstance(q[key], str):
+                raise InputError(f"{where} field '{key}' must be a string, got {q[key]!r:.60}")
+        if "label" in q:
+            _validate_label(q["label"], where)
+
+
+def _validate_label(label, where: str) -> None:
+    """A label is {answer: soft score in [0, 1]}; NaN, out-of-range or non-numeric scores are refused."""
+    if not isinstance(label, dict):
+        raise InputError(f"{where} field 'label' must be an object answer -> score")
+    for answer, score in label.items():
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
+                or not 0.0 <= score <= 1.0:
+            raise InputError(f"{where} label of answer {answer!r} has score {score!r}; scores are numbers in [0, 1]")
 
 
 def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, max_len: int) -> Split:
@@ -215,16 +242,18 @@ def load_data(cfg: Config, log=print) -> Data:
     d = cfg.data
     root = Path(d.root)
     if d.dataset == "embedded":
-        ensure_embedded(d.embedded, root, log)
+        prepare_embedded(cfg, log)
     store_dir = Path(d.features) if Path(d.features).is_absolute() else root / d.features
     store = FeatureStore(store_dir)
     if d.dataset == "embedded":
         _check_store_shape(store, d.embedded.num_regions, d.embedded.feat_dim)
     store.check_boxes()
+    _check_finite(store)
     vocab = AnswerVocab.load(root / d.ans2label)
     tokenizer = load_tokenizer(cfg)
     load = lambda name: load_split(root / f"{name}.json", tokenizer, vocab, store, d.max_seq_length)  # noqa: E731
     train = _concat([load(n) for n in d.train])
+    _check_tokenizer(train, tokenizer, cfg)
     if not train.has_labels:
         raise InputError(f"training split {d.train} has questions without 'label'")
     qtype_index = {t: i for i, t in enumerate(sorted(set(train.question_types)))}
@@ -237,6 +266,49 @@ def load_data(cfg: Config, log=print) -> Data:
                 f"{root / d.ans2label} (they count as wrong for every model)")
     return Data(vocab, store, tokenizer, wrap(train), wrap(valid), {n: wrap(s) for n, s in tests.items()},
                 qtype_index)
+
+
+def prepare_embedded(cfg: Config, log=print) -> Path:
+    """Generate the embedded benchmark of the config if needed. Under a lock next to its folder, so
+    processes started together generate it once; only the lock holder removes an interrupted
+    generation's temporaries."""
+    root = Path(cfg.data.root)
+    with FileLock(root.parent / f".{root.name}.lock"):
+        for path in remove_temporaries(root.parent, of=root.name):
+            log(f"removed {path}, left by an interrupted generation")
+        return ensure_embedded(cfg.data.embedded, root, log)
+
+
+# Stores up to this size are checked whole for NaN/inf when opened; larger ones (real COCO stores, tens of
+# GB) were checked value by value when lxmert.prepare wrote them, and their fingerprint is checked instead.
+FINITE_CHECK_BYTES = 1 << 30
+
+
+def _check_finite(store: FeatureStore) -> None:
+    if store._features.nbytes + store._boxes.nbytes > FINITE_CHECK_BYTES:
+        return
+    for name, arr in (("features.npy", store._features), ("boxes.npy", store._boxes)):
+        bad = ~np.isfinite(np.asarray(arr)).reshape(len(arr), -1).all(1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            image = next(k for k, v in store.index.items() if v == row)
+            raise InputError(f"{store.folder / name}: image '{image}' (row {row}) has NaN or infinite values "
+                             f"({int(bad.sum())} image(s) in all); prepare the store again")
+
+
+# A tokenizer that maps most words of the training questions to [UNK] makes a question-blind model.
+UNK_LIMIT = 0.5
+
+
+def _check_tokenizer(train: "Split", tokenizer, cfg: Config) -> None:
+    ids = train.input_ids[train.attention_mask.astype(bool)]
+    words = ~np.isin(ids, tokenizer.all_special_ids)
+    unknown = float(np.mean(ids[words] == tokenizer.unk_token_id)) if words.any() else 1.0
+    if unknown > UNK_LIMIT:
+        source = cfg.model.tokenizer or str(Path(cfg.data.root) / "tokenizer")
+        raise InputError(f"tokenizer '{source}' (model.tokenizer) maps {100 * unknown:.0f} % of the training "
+                         f"questions' tokens to {tokenizer.unk_token}: it cannot read them (a vocabulary not "
+                         f"loaded?); make one with python -m lxmert.prepare tokenizer (data/README.md)")
 
 
 def _check_store_shape(store: FeatureStore, num_boxes: int, feat_dim: int) -> None:

@@ -1,15 +1,17 @@
 """Stage 0 of every study: the dense fine-tune of each seed, its evaluation and the blind baseline.
 
 models/<experiment>/seed_<s>/init.safetensors   weights before fine-tuning (the default rewind point)
-models/<experiment>/seed_<s>/dense/             the training run (see training.py)
+models/<experiment>/seed_<s>/dense/             the unit: training run (see training.py) + result.json
+models/<experiment>/seed_<s>/blind_<loss>.json  question-only baseline of that seed and loss
 result/<experiment>/finetune.json               per seed: final/best accuracy, blind baseline, curves
+result/<experiment>/predictions/<unit>/<split>.json   answers of a unit's best-on-valid model
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
-import shutil
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,15 @@ import torch
 
 from . import distributed as dist
 from .blind import train_blind
-from .config import Config
+from .config import DATA_KEYS, TRAIN_KEYS, Config, model_keys, unit_settings
 from .data import Data, load_data
 from .evaluation import accuracy, predict, predictions_json
-from .io import InputError, atomic_folder, read_json, save_tensors, write_json
+from .io import FileLock, InputError, atomic_folder, read_json, read_object, remove_temporaries, \
+    save_tensors, write_json
 from .losses import make_loss, question_type_prior
 from .modeling import VQAModel, build_model
-from .training import RunSpec, Trainer, load_weights, seed_everything, setup_logging
+from .training import RunSpec, Trainer, load_weights, run_seed, seed_everything, setup_logging
+from .units import Unit, once, run_units
 
 log = logging.getLogger("lxmert")
 
@@ -41,6 +45,7 @@ class Context:
     @classmethod
     def load(cls, cfg: Config) -> "Context":
         dist.init()
+        check_writable(cfg)
         setup_logging(cfg)
         log.info("experiment %s: loading data from %s", cfg.experiment, cfg.data.root)
         data = load_data(cfg, log.info)
@@ -49,6 +54,25 @@ class Context:
 
     def seed_dir(self, seed: int) -> Path:
         return self.cfg.model_dir / f"seed_{seed}"
+
+    def unit_dir(self, name: str) -> Path:
+        return self.cfg.model_dir / name
+
+    def predictions_dir(self, unit: str) -> Path:
+        """result/<experiment>/predictions/<unit path>/: one <split>.json per evaluated split."""
+        return self.cfg.result_dir / "predictions" / unit
+
+    @property
+    def splits(self) -> list[str]:
+        """Every split a model is evaluated on: the validation split, then the test splits."""
+        return [self.cfg.data.valid, *self.data.tests]
+
+    @property
+    def labelled(self) -> list[str]:
+        return [n for n in self.splits if self._dataset(n).split.has_labels]
+
+    def _dataset(self, name: str):
+        return self.data.valid if name == self.cfg.data.valid else self.data.tests[name]
 
     @functools.cached_property
     def prior(self) -> torch.Tensor:
@@ -59,9 +83,13 @@ class Context:
         return question_type_prior(train.qtypes, (sp.label_ptr, sp.label_idx, sp.label_score),
                                    len(self.data.qtype_index) + 1, self.data.num_answers)
 
-    def loss(self, name: str, model: VQAModel) -> torch.nn.Module:
+    def loss(self, name: str, model: VQAModel, seed: int) -> torch.nn.Module:
+        """A loss module. Its own parameters (LMH's gate) are initialised from (seed, loss name), not from
+        whatever the process's RNG holds, so a resumed study builds exactly the same module."""
         prior = None if name == "bce" else self.prior
-        return make_loss(name, prior, model.encoder.config.hidden_size, self.cfg.debias)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run_seed(seed, f"loss {name}"))
+            return make_loss(name, prior, model.encoder.config.hidden_size, self.cfg.debias).to(dist.device())
 
     def new_model(self, seed: int) -> VQAModel:
         """A fresh model; its initialisation depends on the seed only."""
@@ -69,38 +97,80 @@ class Context:
         return build_model(self.cfg.model, len(self.data.tokenizer), self.data.store.feat_dim,
                            self.data.num_answers).to(dist.device())
 
+    def init_weights(self, seed: int) -> Path:
+        """models/<exp>/seed_<s>/init.safetensors, the weights before any training (made once)."""
+        path = self.seed_dir(seed) / "init.safetensors"
+        once(path.parent, path.exists, lambda: save_tensors(path, self.new_model(seed).state_dict()),
+             of=path.name)
+        return path
+
     def evaluate(self, model: VQAModel, splits: Optional[list[str]] = None) -> dict[str, dict]:
-        """Accuracy on the validation split and every test split (or the named ones)."""
-        sets = {self.cfg.data.valid: self.data.valid, **self.data.tests}
+        """Accuracy on the validation split and every labelled test split (or the named ones)."""
         out = {}
-        for name, ds in sets.items():
-            if splits is not None and name not in splits:
-                continue
-            if ds.split.has_labels:
+        for name in self.labelled:
+            if splits is None or name in splits:
+                ds = self._dataset(name)
                 out[name] = accuracy(ds, predict(model, ds, self.cfg.train.eval_batch_size, dist.device(),
                                                  self.cfg.train.precision))
         return out
 
-    def blind(self, seed: int) -> dict[str, dict]:
-        """Question-only accuracy on the validation and test splits (cached per seed)."""
-        path = self.seed_dir(seed) / "blind.json"
-        if path.exists():
-            return read_json(path)
-        sets = {self.cfg.data.valid: self.data.valid}
-        sets.update({k: v for k, v in self.data.tests.items() if v.split.has_labels})
-        result = train_blind(self.data.train, sets, len(self.data.tokenizer), seed, self.cfg.blind_epochs)
-        if dist.is_main():
-            write_json(path, result)
-        return result
+    def evaluate_and_predict(self, model: VQAModel, unit: str) -> dict[str, dict]:
+        """One prediction pass per split with the model as it is: accuracy on the labelled splits and
+        result/<exp>/predictions/<unit>/<split>.json for every split (the EvalAI format)."""
+        out = {}
+        for name in self.splits:
+            ds = self._dataset(name)
+            preds = predict(model, ds, self.cfg.train.eval_batch_size, dist.device(), self.cfg.train.precision)
+            if ds.split.has_labels:
+                out[name] = accuracy(ds, preds)
+            if dist.is_main():
+                write_json(self.predictions_dir(unit) / f"{name}.json",
+                           predictions_json(ds, preds, self.data.vocab.label2ans), indent=None)
+        return out
+
+    def blind(self, seed: int, loss: str = "bce") -> dict[str, dict]:
+        """Question-only accuracy on the validation and labelled test splits for a seed and a training loss
+        (made once, shared by every unit of the seed)."""
+        path = self.seed_dir(seed) / f"blind_{loss}.json"
+
+        def covered() -> bool:
+            return path.exists() and set(self.labelled) <= set(read_json(path))
+
+        def make() -> None:
+            sets = {name: self._dataset(name) for name in self.labelled}
+            write_json(path, train_blind(self.data.train, sets, len(self.data.tokenizer), seed, self.cfg.blind_epochs))
+
+        once(path.parent, covered, make, of=path.name)
+        return dist.broadcast(read_json(path) if dist.is_main() else None)
+
+
+# -- experiment-wide checks --------------------------------------------------------------------------
+
+def check_writable(cfg: Config) -> None:
+    """Refuse before any work when an output folder cannot be written (read-only models/, result/, logs/).
+    Nothing is created: the folder, or the nearest existing folder above it, is asked."""
+    if not dist.is_main():
+        return
+    for folder in (cfg.model_dir, cfg.result_dir, cfg.log_path.parent):
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            what = "is not a folder" if not existing.is_dir() else "is not writable"
+            raise InputError(f"cannot write to {folder}: {existing} {what}; fix the permissions or run elsewhere")
 
 
 def data_files(cfg: Config) -> list[Path]:
-    """The files an experiment's numbers depend on: question files, answer vocabulary, store layout."""
+    """The files an experiment's numbers depend on: question files, answer vocabulary, store layout and
+    fingerprint, and a local pretrained encoder's weights."""
     d = cfg.data
     root = Path(d.root)
     store = Path(d.features) if Path(d.features).is_absolute() else root / d.features
     names = list(d.train) + [d.valid] + list(d.test)
-    return [root / f"{n}.json" for n in names] + [root / d.ans2label, store / "meta.json", store / "img_ids.json"]
+    files = [root / f"{n}.json" for n in names] + [root / d.ans2label, store / "meta.json", store / "img_ids.json"]
+    if cfg.model.pretrained and Path(cfg.model.pretrained).is_dir():
+        files += sorted(Path(cfg.model.pretrained).glob("*.safetensors"))
+    return files
 
 
 def _sha256(path: Path) -> str:
@@ -113,77 +183,114 @@ def _sha256(path: Path) -> str:
 
 def check_data_fingerprint(cfg: Config) -> None:
     """models/<experiment>/data.json records the data the experiment's runs were trained on; later runs
-    (and resumed ones) with other data are refused, so finished runs are never mixed with new data."""
+    (and resumed ones) with other data are refused, so finished runs are never mixed with new data. Files
+    added to the experiment (a new test split) are added to the record."""
+    if not dist.is_main():
+        return
     files = {str(p): _sha256(p) for p in data_files(cfg) if p.exists()}
     path = cfg.model_dir / "data.json"
-    if path.exists():
-        recorded = read_json(path)
-        changed = sorted(k for k in set(files) | set(recorded) if files.get(k) != recorded.get(k))
+    with FileLock(cfg.model_dir / ".data.json.lock"):
+        remove_temporaries(cfg.model_dir, of=path.name)
+        recorded = read_json(path, "experiment data record") if path.exists() else {}
+        if not isinstance(recorded, dict):
+            raise InputError(f"{path}: expected a JSON object; remove it to record the data again")
+        changed = sorted(k for k in set(files) & set(recorded) if files[k] != recorded[k])
         if changed:
             raise InputError(f"{path}: the runs of experiment '{cfg.experiment}' were made with other data "
                              f"({', '.join(changed[:3])} differ); use another experiment name or remove "
                              f"{cfg.model_dir} and result/{cfg.experiment}")
-    elif dist.is_main():
-        write_json(path, files)
+        if set(files) - set(recorded):
+            write_json(path, {**recorded, **files})
 
 
-def finish_run(folder: Path, model: VQAModel) -> None:
-    """Keep final weights, drop the bulky optimizer state of a finished run."""
-    if dist.is_main():
-        save_tensors(folder / "final" / "model.safetensors", model.state_dict())
-        shutil.rmtree(folder / "last", ignore_errors=True)
-
+# -- training runs -------------------------------------------------------------------------------------
 
 def train_run(ctx: Context, model: VQAModel, spec: RunSpec) -> dict:
-    """Run (or resume, or skip) one training run and leave the model at its final weights."""
+    """Run (or resume, or skip) one training run; leaves the model at the final weights read back from disk
+    (exactly what a resumed or skipped run uses)."""
     summary = Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
-    final = spec.folder / "final" / "model.safetensors"
-    if final.exists():
-        load_weights(model, final)
-    else:
-        finish_run(spec.folder, model)
-    dist.barrier()
+    load_weights(model, spec.folder / "final" / "model.safetensors")
     return summary
 
 
-def dense(ctx: Context, seed: int, loss: str = "bce", folder: Optional[Path] = None,
-          capture_step: int = 0) -> tuple[VQAModel, dict]:
-    """Fine-tune the full model of one seed; returns the model at its final weights and the summary."""
+def dense_settings(cfg: Config, loss: Optional[str] = None) -> dict:
+    """The settings a dense fine-tune (and its question-only baseline) is computed with."""
+    keys = DATA_KEYS + model_keys() + TRAIN_KEYS + ["blind_epochs", "lottery.rewind_steps"]
+    return unit_settings(cfg, keys, **({"train__loss": loss} if loss else {}))
+
+
+def dense(ctx: Context, seed: int, loss: str, folder: Path, capture_step: int = 0) -> tuple[VQAModel, dict]:
+    """Fine-tune the full model of one seed from its initial weights; returns the model at its final
+    weights and the run's summary."""
     cfg = ctx.cfg
-    folder = folder or ctx.seed_dir(seed) / "dense"
+    init = ctx.init_weights(seed)
     model = ctx.new_model(seed)
-    init = ctx.seed_dir(seed) / "init.safetensors"
-    if init.exists():
-        load_weights(model, init)
-    elif dist.is_main():
-        save_tensors(init, model.state_dict())
-    dist.barrier()
-    spec = RunSpec(folder=folder, seed=seed, loss=ctx.loss(loss, model).to(dist.device()), epochs=cfg.train.epochs,
+    load_weights(model, init)
+    spec = RunSpec(folder=folder, seed=seed, loss=ctx.loss(loss, model, seed), epochs=cfg.train.epochs,
                    lr=cfg.train.lr, capture_step=capture_step, tag=f"seed {seed} dense {loss}")
-    started = time.time()
-    summary = train_run(ctx, model, spec)
-    summary.setdefault("seconds", round(time.time() - started, 1))
-    return model, summary
+    return model, train_run(ctx, model, spec)
 
 
-def run_finetune(cfg: Config, ctx: Optional[Context] = None) -> dict:
-    """Dense fine-tune + evaluation + blind baseline for every seed; writes finetune.json and a plot."""
-    from .plots import plot_finetune
+DENSE_ROW = ("seed", "loss", "final", "best", "best_epoch", "tests", "blind", "epochs", "splits")
 
-    ctx = ctx or Context.load(cfg)
-    seeds = {}
-    for seed in cfg.seeds:
-        model, summary = dense(ctx, seed, capture_step=cfg.lottery.rewind_steps)
-        tests = best_model_tests(ctx, model, seed)
-        blind = ctx.blind(seed)
-        seeds[str(seed)] = {
-            "final": summary["final"], "best": summary["best"], "best_epoch": summary["best_epoch"],
-            "test": tests, "blind": blind, "seconds": summary.get("seconds"),
-            "epochs": [{"epoch": r["epoch"], "loss": r["loss"], "valid": r["valid"]["overall"]}
-                       for r in summary["history"]],
-        }
+
+def _row_complete(path: Path, ctx: Context) -> bool:
+    """A unit's result.json exists and covers every split of the config (a new test split extends it)."""
+    return path.exists() and set(ctx.splits) <= set(read_object(path, ("splits",), "result row")["splits"])
+
+
+def dense_unit(ctx: Context, seed: int) -> Unit:
+    cfg, name = ctx.cfg, f"seed_{seed}/dense"
+    folder = ctx.unit_dir(name)
+
+    def work() -> None:
+        started = time.time()
+        model, summary = dense(ctx, seed, cfg.train.loss, folder / "run", capture_step=cfg.lottery.rewind_steps)
+        load_weights(model, folder / "run" / "best" / "model.safetensors")
+        tests = ctx.evaluate_and_predict(model, name)
+        blind = ctx.blind(seed, cfg.train.loss)
+        row = {"seed": seed, "loss": cfg.train.loss, "final": summary["final"], "best": summary["best"],
+               "best_epoch": summary["best_epoch"], "tests": {k: v for k, v in tests.items() if k != cfg.data.valid},
+               "blind": blind, "splits": ctx.splits, "seconds": round(time.time() - started, 1),
+               "epochs": [{"epoch": r["epoch"], "loss": r["loss"], "valid": r["valid"]["overall"]}
+                          for r in summary["history"]]}
+        if dist.is_main():
+            write_json(folder / "result.json", row)
         log.info("seed %d: valid %.2f (best epoch %d: %.2f), question-only %.2f", seed, summary["final"]["overall"],
                  summary["best_epoch"], summary["best"]["overall"], blind[cfg.data.valid]["overall"])
+
+    return Unit(name=name, folder=folder, work=work, finished=lambda: _row_complete(folder / "result.json", ctx),
+                settings=dense_settings(cfg), cleanup=(ctx.predictions_dir(name),))
+
+
+def dense_rows(ctx: Context) -> dict[str, dict]:
+    return {str(s): read_object(ctx.unit_dir(f"seed_{s}/dense") / "result.json", DENSE_ROW, "dense result")
+            for s in ctx.cfg.seeds}
+
+
+def run_finetune(cfg: Config, ctx: Optional[Context] = None) -> Optional[dict]:
+    """Dense fine-tune + evaluation + blind baseline for every seed; writes finetune.json and a plot when
+    every seed is finished (by this process or others)."""
+    ctx = ctx or Context.load(cfg)
+    if not run_units([dense_unit(ctx, s) for s in cfg.seeds], cfg.experiment):
+        return None
+    with tables_lock(cfg):
+        return write_finetune(ctx)
+
+
+def tables_lock(cfg: Config) -> FileLock:
+    """Held while result/<experiment>/ tables are written (by whichever process finishes the grid)."""
+    lock = FileLock(cfg.result_dir / ".tables.lock")
+    lock.acquire()
+    remove_temporaries(cfg.result_dir, recursive=False)
+    return lock
+
+
+def write_finetune(ctx: Context) -> dict:
+    from .plots import plot_finetune
+
+    cfg = ctx.cfg
+    seeds = dense_rows(ctx)
     result = {"experiment": cfg.experiment, "valid_split": cfg.data.valid, "seeds": seeds,
               "mean": _mean_over_seeds(seeds, cfg.data.valid)}
     if dist.is_main():
@@ -198,39 +305,19 @@ def export_encoder(ctx: Context, seed: int, folder: str) -> None:
     """Save the best model's encoder (transformers format) and the tokenizer it was trained with, so
     another config can start from it with model.pretrained, like from released weights."""
     model = ctx.new_model(seed)
-    load_weights(model, ctx.seed_dir(seed) / "dense" / "best" / "model.safetensors")
+    load_weights(model, ctx.unit_dir(f"seed_{seed}/dense") / "run" / "best" / "model.safetensors")
     with atomic_folder(folder, overwrite=True) as tmp:
         model.encoder.save_pretrained(str(tmp))
         ctx.data.tokenizer.save_pretrained(str(tmp))
     log.info("exported the encoder of seed %d to %s", seed, folder)
 
 
-def best_model_tests(ctx: Context, model: VQAModel, seed: int) -> dict[str, dict]:
-    """The best-on-valid model's predictions files (valid and test splits) and its accuracy on the
-    labelled test splits: one prediction pass per split, done once per seed (cached in the run folder)."""
-    cache = ctx.seed_dir(seed) / "dense" / "tests.json"
-    if cache.exists():
-        return read_json(cache)
-    load_weights(model, ctx.seed_dir(seed) / "dense" / "best" / "model.safetensors")
-    tests = {}
-    for name, ds in {ctx.cfg.data.valid: ctx.data.valid, **ctx.data.tests}.items():
-        preds = predict(model, ds, ctx.cfg.train.eval_batch_size, dist.device(), ctx.cfg.train.precision)
-        if name in ctx.data.tests and ds.split.has_labels:
-            tests[name] = accuracy(ds, preds)
-        if dist.is_main():
-            write_json(ctx.cfg.result_dir / f"predictions_seed{seed}_{name}.json",
-                       predictions_json(ds, preds, ctx.data.vocab.label2ans), indent=None)
-    if dist.is_main():
-        write_json(cache, tests)
-    return tests
-
-
 def _mean_over_seeds(seeds: dict, valid: str) -> dict:
-    keys = ["final", "best"]
     out = {}
-    for k in keys:
+    for k in ("final", "best"):
         vals = [s[k]["overall"] for s in seeds.values()]
-        out[k] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals)), 4)}
+        out[k] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals)), 4), "seeds": len(vals)}
     valid_blind = [s["blind"][valid]["overall"] for s in seeds.values()]
-    out["blind"] = {"mean": round(float(np.mean(valid_blind)), 4), "std": round(float(np.std(valid_blind)), 4)}
+    out["blind"] = {"mean": round(float(np.mean(valid_blind)), 4), "std": round(float(np.std(valid_blind)), 4),
+                    "seeds": len(valid_blind)}
     return out

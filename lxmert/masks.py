@@ -34,6 +34,7 @@ def sparsity_report(zeros: dict[str, int], sizes: dict[str, int], modalities: di
     return {
         "overall": pct(sum(zeros.values()), total), "prunable": total, "zeros": sum(zeros.values()),
         "by_modality": {m: pct(by_mod_z[m], by_mod_n[m]) for m in sorted(by_mod_n)},
+        "prunable_by_modality": {m: by_mod_n[m] for m in sorted(by_mod_n)},
         "by_tensor": {name: pct(zeros[name], sizes[name]) for name in sizes},
     }
 
@@ -62,11 +63,19 @@ def full_mask(model: nn.Module, prunable: list[PrunableTensor]) -> dict[str, tor
     return {t.name: torch.ones_like(parameter(model, t.name), dtype=torch.bool, device="cpu") for t in prunable}
 
 
+MASK_FORMAT = "packbits-v1"
+
+
 def save_mask(path: str | Path, mask: dict[str, torch.Tensor], modalities: dict[str, str]) -> None:
+    """Bit-packed mask file. Its metadata is one JSON entry: safetensors writes several entries in a random
+    order per process, which would make two identical masks differ byte for byte."""
+    total = sum(int(v.sum()) for v in mask.values())
+    if mask and total == 0:
+        raise ValueError(f"refusing to save a mask that prunes every weight: {path}")
     packed = {k: torch.from_numpy(np.packbits(v.cpu().numpy().ravel())) for k, v in mask.items()}
-    meta = {"shapes": json.dumps({k: list(v.shape) for k, v in mask.items()}),
-            "modalities": json.dumps({k: modalities[k] for k in mask}), "format": "packbits-v1"}
-    save_tensors(path, packed, meta)
+    meta = {"format": MASK_FORMAT, "shapes": {k: list(v.shape) for k, v in mask.items()},
+            "modalities": {k: modalities[k] for k in mask}}
+    save_tensors(path, packed, {"lxmert_mask": json.dumps(meta, sort_keys=True)})
 
 
 def load_mask(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -75,15 +84,22 @@ def load_mask(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     path = Path(path)
     packed = load_tensors(path)
     with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata() or {}
-    if meta.get("format") != "packbits-v1":
-        raise InputError(f"{path}: not a mask file (metadata 'format' is {meta.get('format')!r})")
-    shapes, modalities = json.loads(meta["shapes"]), json.loads(meta["modalities"])
-    mask = {}
-    for k, shape in shapes.items():
-        n = int(np.prod(shape))
-        bits = np.unpackbits(packed[k].numpy(), count=n).astype(bool)
-        mask[k] = torch.from_numpy(bits.reshape(shape))
+        raw = fh.metadata() or {}
+    try:
+        meta = json.loads(raw["lxmert_mask"])
+        shapes, modalities = meta["shapes"], meta["modalities"]
+        if meta["format"] != MASK_FORMAT:
+            raise ValueError(meta["format"])
+        mask = {}
+        for k, shape in shapes.items():
+            n = int(np.prod(shape))
+            bits = np.unpackbits(packed[k].numpy(), count=n).astype(bool)
+            mask[k] = torch.from_numpy(bits.reshape(shape))
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(f"{path}: not a mask file of this project ({type(e).__name__}: {e}); remove it to "
+                         f"recompute the level") from None
+    if mask and not any(bool(v.any()) for v in mask.values()):
+        raise InputError(f"{path}: the mask prunes every weight (all bits zero); remove it to recompute the level")
     return mask, modalities
 
 

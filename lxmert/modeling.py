@@ -5,15 +5,16 @@ modality (language / vision / cross / pooler / head) each belongs to.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import PRUNABLE_DEFAULT, ModelConfig
 from .io import InputError
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,13 @@ def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
                               visual_feat_dim=feat_dim, visual_pos_dim=4, **sizes)
     else:
         config = VisualBertConfig(num_hidden_layers=cfg.num_hidden_layers, visual_embedding_dim=feat_dim, **sizes)
-    log.info("no pretrained weights configured (model.pretrained is null): %s encoder randomly initialised", name)
+    if name not in _SAID_RANDOM:  # once per process: a study builds many models
+        _SAID_RANDOM.add(name)
+        log.info("no pretrained weights configured (model.pretrained is null): %s encoder randomly initialised", name)
     return cls(config)
+
+
+_SAID_RANDOM: set[str] = set()
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: int) -> VQAModel:
@@ -128,11 +134,11 @@ class PrunableTensor:
 
 
 def _modality(family: str, name: str) -> Optional[str]:
-    """Modality of a Linear weight by its parameter name, or None when it is not prunable by default."""
+    """Modality of a prunable weight by its parameter name (None: none of the model's modalities)."""
     if name.startswith("head."):
         return "head"
     if family == "lxmert":
-        if name.startswith("encoder.encoder.layer."):
+        if name.startswith(("encoder.encoder.layer.", "encoder.embeddings.word_embeddings.")):
             return "language"
         if name.startswith(("encoder.encoder.r_layers.", "encoder.encoder.visn_fc.")):
             return "vision"
@@ -150,23 +156,19 @@ def _modality(family: str, name: str) -> Optional[str]:
     return None
 
 
-def prunable_tensors(model: VQAModel, include_embeddings: bool = False, include_head: bool = False
-                     ) -> list[PrunableTensor]:
-    """The prunable set: weight matrices of every Linear layer of the encoders (language, vision incl.
-    the visual feature/box projection, cross-modality) and the pooler; optionally the word embeddings
-    (language) and the head's Linear weights. Never biases, LayerNorms or position embeddings."""
-    out = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        name = f"{module_name}.weight"
-        modality = _modality(model.family, name)
-        if modality is None or (modality == "head" and not include_head):
-            continue
-        out.append(PrunableTensor(name, modality))
-    if include_embeddings:
-        out.insert(0, PrunableTensor("encoder.embeddings.word_embeddings.weight", "language"))
-    return out
+def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT) -> list[PrunableTensor]:
+    """The prunable set: the weight matrices of Linear and Embedding modules whose parameter name matches
+    one of the glob patterns (fnmatch), in model order. Biases and LayerNorm weights are never candidates.
+    Each tensor's modality (language / vision / cross / pooler / head) comes from its name; a pattern
+    that matches nothing is an error (a typo must not silently shrink the set)."""
+    candidates = [f"{name}.weight" for name, module in model.named_modules()
+                  if isinstance(module, (nn.Linear, nn.Embedding))]
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
+    if unused:
+        raise InputError(f"prunable pattern(s) {unused} match no Linear or Embedding weight of this "
+                         f"{model.family} model (names look like {candidates[0]}, {candidates[-1]})")
+    return [PrunableTensor(c, _modality(model.family, c) or "other") for c in candidates
+            if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
 
 
 def count_parameters(model: nn.Module) -> int:

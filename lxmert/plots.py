@@ -13,6 +13,19 @@ import numpy as np  # noqa: E402
 from .io import write_text, write_with  # noqa: E402
 
 
+def mean_std(values: list[float]) -> str:
+    """Mean ± std over seeds; one seed is shown as its single value (never '± 0.00')."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+
+
+def seeds_text(seeds: list) -> str:
+    return "1 seed" if len(seeds) == 1 else f"mean ± std over {len(seeds)} seeds"
+
+
 def save_figure(fig, path: Path) -> None:
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
@@ -84,21 +97,21 @@ def _baselines(ax, dense: dict) -> None:
 
 
 def lottery_table(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Mean +- std of retrained accuracy by sparsity (rows) and mode (columns)."""
+    """Retrained accuracy by sparsity (rows) and mode (columns): mean ± std over seeds (one seed: its value)."""
     rows = result["rows"]
     modes = [m for m in ["low_magnitude", "random", "high_magnitude"] if any(r["mode"] == m for r in rows)]
     levels = sorted({r["target_sparsity"] for r in rows})
-    header = ["sparsity %", "measured %"] + [m.replace("_", " ") for m in modes]
     d = result["dense"]
-    body = [["0 (dense)", "0.00"] + [f"{d['accuracy']['mean']:.2f} ± {d['accuracy']['std']:.2f}"] * len(modes)]
+    per_seed = list(d["per_seed"].values())
+    header = ["sparsity %", "measured %"] + [m.replace("_", " ") for m in modes]
+    body = [["0 (dense)", "0.00"] + [mean_std(per_seed)] * len(modes)]
     for level in levels:
         at = [r for r in rows if r["target_sparsity"] == level]
         line = [f"{100 * level:g}", f"{100 * np.mean([r['measured_sparsity'] for r in at]):.2f}"]
-        for m in modes:
-            acc = [r["accuracy_retrained"] for r in at if r["mode"] == m]
-            line.append(f"{np.mean(acc):.2f} ± {np.std(acc):.2f}" if acc else "")
+        line += [mean_std([r["accuracy_retrained"] for r in at if r["mode"] == m]) for m in modes]
         body.append(line)
-    body.append(["question-only", "-"] + [f"{d['blind']['mean']:.2f} ± {d['blind']['std']:.2f}"] * len(modes))
+    blind = list({r["seed"]: r["accuracy_blind"] for r in rows}.values()) or [d["blind"]["mean"]]
+    body.append(["question-only", "-"] + [mean_std(blind)] * len(modes))
     return header, body
 
 

@@ -87,7 +87,7 @@ def _magnitude_mask(tensors: list[torch.Tensor], keeps: list[torch.Tensor], coun
     return out
 
 
-def _random_mask(keeps: list[torch.Tensor], counts: list[int], seed: int) -> list[np.ndarray]:
+def _random_mask(keeps: list[torch.Tensor], counts: list[int], seed: list[int]) -> list[np.ndarray]:
     out = []
     for i, (keep, k) in enumerate(zip(keeps, counts)):
         alive = keep.numpy().ravel()
@@ -96,7 +96,7 @@ def _random_mask(keeps: list[torch.Tensor], counts: list[int], seed: int) -> lis
         if extra > 0:
             # `extra` survivors uniformly at random: the smallest of i.i.d. uniform keys (argpartition is
             # O(n) and ~3x faster than Generator.choice without replacement at base size)
-            rng = np.random.default_rng([seed, i])
+            rng = np.random.default_rng([*seed, i])
             candidates = np.flatnonzero(alive)
             keys = rng.random(len(candidates), dtype=np.float32)
             pruned[candidates[np.argpartition(keys, extra - 1)[:extra]]] = True
@@ -105,8 +105,10 @@ def _random_mask(keeps: list[torch.Tensor], counts: list[int], seed: int) -> lis
 
 
 def prune(mode: str, model: nn.Module, prunable: list[PrunableTensor], current: dict[str, torch.Tensor],
-          sparsity: float, scope: str = "global", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A new mask (True = kept) at `sparsity`, containing every weight `current` already pruned."""
+          sparsity: float, scope: str = "global", seed: int = 0, salt: float = 0.0) -> dict[str, torch.Tensor]:
+    """A new mask (True = kept) at `sparsity`, containing every weight `current` already pruned. The random
+    mode draws from (seed, salt): the study passes the level itself as salt, so a level's random mask does
+    not change when other levels are added to the grid."""
     if mode not in MODES:
         raise ValueError(f"unknown pruning mode '{mode}' (known: {', '.join(MODES)})")
     tensors = [parameter(model, t.name) for t in prunable]
@@ -123,7 +125,7 @@ def prune(mode: str, model: nn.Module, prunable: list[PrunableTensor], current: 
     with torch.no_grad():
         if mode == "random":
             low = _magnitude_mask(tensors, keeps, counts, "low_magnitude")
-            pruned = _random_mask(keeps, [int(p.sum()) for p in low], seed)
+            pruned = _random_mask(keeps, [int(p.sum()) for p in low], [seed, int(round(salt * 1_000_000))])
         else:
             pruned = _magnitude_mask(tensors, keeps, counts, mode)
     return {t.name: torch.from_numpy(~p).reshape(w.shape) for t, p, w in zip(prunable, pruned, tensors)}

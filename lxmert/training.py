@@ -2,12 +2,15 @@
 checkpoints, and exact resumption.
 
 A run lives in a folder:
-  last/model.safetensors + last/trainer.pt   state after the latest finished epoch (or N steps)
-  best/model.safetensors                      weights of the best validation epoch
-  done.json                                   summary; its presence means the run is finished
-Rerunning a finished run returns its summary; an interrupted one continues from `last/` with the
-optimizer, scheduler, RNG states and step restored, so a CPU run gives the same numbers as one
-that was never interrupted.
+  ckpt-<step>/   model.safetensors + trainer.pt + manifest.json: the state after the latest finished
+                 epoch (or every N steps). Written as a whole in a temporary folder and published by one
+                 rename, so weights and optimizer state always belong to the same step; older
+                 checkpoints are removed after the new one is published.
+  best/model.safetensors      weights of the best validation epoch
+  final/         model.safetensors + summary.json: the finished run (its presence means done)
+Rerunning a finished run returns its summary; an interrupted one continues from its newest checkpoint
+with the optimizer, scheduler, RNG states and step restored, so a CPU run gives bit-identical weights to
+one that was never interrupted, wherever it was killed.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from . import distributed as dist
 from .config import Config
 from .data import BatchSampler, VQADataset, loader
 from .evaluation import autocast, evaluate, to_device
-from .io import (InputError, load_state, load_tensors, read_json, remove_temporaries, save_state, save_tensors,
-                 write_json)
+from .io import (InputError, atomic_folder, load_state, load_tensors, read_object, remove_temporaries, remove_tree,
+                 save_state, save_tensors, write_json)
 from .masks import MaskEnforcer
 
 log = logging.getLogger("lxmert")
@@ -119,7 +122,8 @@ class Trainer:
         self.objective = _Objective(model, spec.loss).to(self.device)
         self.enforcer = MaskEnforcer(model, spec.masks) if spec.masks else None
         self.sampler = BatchSampler(len(train), cfg.train.batch_size, spec.seed, True, dist.rank(), dist.world())
-        self.steps_per_epoch = len(self.sampler.global_batches()) // cfg.train.grad_accum
+        self.batches_per_epoch = len(self.sampler.global_batches())
+        self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise InputError(f"{len(train)} training questions give no optimizer step with train.batch_size="
                              f"{cfg.train.batch_size} over {dist.world()} process(es) and train.grad_accum="
@@ -153,51 +157,74 @@ class Trainer:
     def folder(self) -> Path:
         return self.spec.folder
 
-    def _save_last(self) -> None:
+    def _save_checkpoint(self) -> None:
+        """Publish the state as one new folder ckpt-<step>, then drop the older ones."""
         if self.spec.before_save is not None:
             self.spec.before_save()
         if not dist.is_main():
             return
-        save_tensors(self.folder / "last" / "model.safetensors", self.objective.state_dict())
-        save_state(self.folder / "last" / "trainer.pt", {
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch, "history": self.history, "best": self.best,
-            "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": _rng_state(),
-            "masked": sorted(self.spec.masks or {})})
+        name = f"{CHECKPOINT_PREFIX}{self.step:09d}-{self.epoch:04d}-{self.batch_in_epoch:07d}"
+        with atomic_folder(self.folder / name, overwrite=True) as tmp:
+            save_tensors(tmp / "model.safetensors", self.objective.state_dict())
+            save_state(tmp / "trainer.pt", {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "history": self.history, "best": self.best,
+                "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": _rng_state(),
+                "masked": sorted(self.spec.masks or {})})
+            write_json(tmp / "manifest.json", {"step": self.step, "files": _digests(tmp)})
+        for old in checkpoints(self.folder)[:-1]:
+            remove_tree(old)
 
     def _resume(self) -> bool:
-        state_path = self.folder / "last" / "trainer.pt"
-        if not state_path.exists():
+        found = checkpoints(self.folder)
+        if not found:
             return False
-        weights = load_tensors(self.folder / "last" / "model.safetensors")
-        check_compatible(self.objective.state_dict(), weights, self.folder / "last" / "model.safetensors")
+        newest = found[-1]
+        _check_digests(newest)
+        weights = load_tensors(newest / "model.safetensors")
+        check_compatible(self.objective.state_dict(), weights, newest / "model.safetensors")
         self.objective.load_state_dict(weights)
-        state = load_state(state_path)
-        check_masked(sorted(self.spec.masks or {}), state.get("masked"), state_path)
+        state = load_state(newest / "trainer.pt")
+        check_masked(sorted(self.spec.masks or {}), state.get("masked"), newest / "trainer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history, self.best = list(state["history"]), state["best"]
-        self.loss_sum, self.loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
+        self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
         _set_rng_state(state["rng"])
-        log.info("%s: resumed from %s at epoch %d, step %d", self.spec.tag, self.folder / "last",
-                 self.epoch + 1, self.step)
+        for old in found[:-1]:  # a kill between publishing a checkpoint and removing the older ones
+            remove_tree(old)
+        log.info("%s: resumed from %s at epoch %d, step %d", self.spec.tag, newest, self.epoch + 1, self.step)
         return True
+
+    def _finish(self, summary: dict) -> None:
+        """The finished run as one folder (final weights + summary), then no checkpoint is needed."""
+        if self.spec.before_save is not None:
+            self.spec.before_save()
+        if dist.is_main():
+            with atomic_folder(self.folder / "final", overwrite=True) as tmp:
+                save_tensors(tmp / "model.safetensors", self.model.state_dict())
+                write_json(tmp / "summary.json", summary)
+            for old in checkpoints(self.folder):
+                remove_tree(old)
+        dist.barrier()
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict:
-        done = self.folder / "done.json"
-        if done.exists():
-            return read_json(done)
+        if is_finished(self.folder):
+            if dist.is_main():  # a kill after publishing final/ and before removing the checkpoints
+                for old in checkpoints(self.folder):
+                    remove_tree(old)
+            return run_summary(self.folder)
         if dist.is_main():
             for path in remove_temporaries(self.folder):
                 log.info("%s: removed %s, left by an interrupted write", self.spec.tag, path)
         if not self._resume():
             # A fresh run seeds its own RNG, so its dropout does not depend on what this process ran
             # before (a rerun that skips finished runs must give the same numbers as one that did not).
-            seed_everything(self.spec.seed * 1_000_003 + zlib.crc32(self.spec.tag.encode()))
+            seed_everything(run_seed(self.spec.seed, self.spec.tag))
         if self.enforcer is not None:
             self.enforcer.apply()
         epochs = range(self.epoch, self.spec.epochs)
@@ -215,13 +242,12 @@ class Trainer:
                 if dist.is_main():
                     save_tensors(self.folder / "best" / "model.safetensors", self.model.state_dict())
             self.epoch, self.batch_in_epoch = epoch + 1, 0
-            self._save_last()
+            if self.epoch < self.spec.epochs:
+                self._save_checkpoint()
         best_epoch = max(self.history, key=lambda r: r["valid"]["overall"])
         summary = {"history": self.history, "final": self.history[-1]["valid"], "best": best_epoch["valid"],
                    "best_epoch": best_epoch["epoch"], "steps": self.step}
-        if dist.is_main():
-            write_json(done, summary)
-        dist.barrier()
+        self._finish(summary)
         return summary
 
     def _epoch(self) -> float:
@@ -229,6 +255,9 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
         batches = loader(self.train, self.sampler, self.cfg.data.num_workers, self.device.type == "cuda")
         self.objective.train()
+        # Gradients of a last, incomplete accumulation group are dropped, never carried into the next
+        # epoch: a checkpoint at the epoch's end does not hold them, so carrying them would break resuming.
+        self.optimizer.zero_grad(set_to_none=True)
         if self.batch_in_epoch == 0:
             self.loss_sum, self.loss_count = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=quiet(), leave=False)
@@ -238,8 +267,7 @@ class Trainer:
                 loss = self.runner(batch)
             value = loss.item()  # the step's one host sync: divergence check and running mean
             if not math.isfinite(value):
-                raise TrainingDiverged(f"{self.spec.tag}: loss became {value} at step {self.step + 1} "
-                                       f"(epoch {self.epoch + 1}); last good checkpoint: {self.folder / 'last'}")
+                raise TrainingDiverged(self._diverged(value, batch))
             self.scaler.scale(loss / cfg.grad_accum).backward()
             self.batch_in_epoch += 1
             self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
@@ -247,6 +275,17 @@ class Trainer:
                 self._optimizer_step()
                 bar.set_postfix(loss=f"{self.loss_sum / self.loss_count:.3f}")
         return round(dist.mean(self.loss_sum / max(self.loss_count, 1)), 6)
+
+    def _diverged(self, value: float, batch: dict) -> str:
+        """The divergence message: where, which inputs were not finite (if any), what is kept."""
+        text = f"{self.spec.tag}: loss became {value} at step {self.step + 1} (epoch {self.epoch + 1})"
+        bad = _non_finite_inputs(batch, self.train)
+        if bad:
+            text += f"; the batch holds non-finite inputs: {bad}"
+        found = checkpoints(self.folder)
+        if found:
+            return text + f"; last good checkpoint: {found[-1]} (rerun resumes from it)"
+        return text + "; no checkpoint was written yet (a rerun starts this run again)"
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg.train
@@ -266,8 +305,9 @@ class Trainer:
             self.spec.after_step(self.step)
         if self.spec.capture_step and self.step == self.spec.capture_step and dist.is_main():
             save_tensors(self.folder / "rewind.safetensors", self.model.state_dict())
-        if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
-            self._save_last()
+        if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and \
+                self.batch_in_epoch < self.batches_per_epoch:  # the epoch's end checkpoints anyway
+            self._save_checkpoint()
 
     def _report(self, record: dict) -> None:
         if not dist.is_main():
@@ -278,6 +318,67 @@ class Trainer:
                  record["epoch"], self.spec.epochs, record["step"], record["loss"], acc["overall"], per_type,
                  record["seconds"])
         metrics_log({"event": "epoch", "run": self.spec.tag, **record})
+
+
+CHECKPOINT_PREFIX = "ckpt-"
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The published checkpoints of a run folder, oldest first (names sort by step)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / "final" / "summary.json").is_file()
+
+
+def run_summary(folder: Path) -> dict:
+    """The summary of a finished run (history, final and best accuracy, best epoch, steps)."""
+    return read_object(folder / "final" / "summary.json", ("history", "final", "best", "best_epoch", "steps"),
+                       "run summary")
+
+
+def run_seed(seed: int, tag: str) -> int:
+    """The RNG seed of a fresh run: from the experiment seed and the run's name, within torch's range."""
+    return (seed * 1_000_003 + zlib.crc32(tag.encode())) % 2**63
+
+
+def _digests(folder: Path) -> dict:
+    import hashlib
+
+    out = {}
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        out[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
+def _check_digests(folder: Path) -> None:
+    """A checkpoint is published whole, so a mismatch means damage from outside (disk, a hand edit)."""
+    manifest = read_object(folder / "manifest.json", ("step", "files"), "checkpoint manifest")
+    found = _digests(folder)
+    found.pop("manifest.json", None)
+    if found != manifest["files"]:
+        raise InputError(f"{folder}: checkpoint files differ from its manifest (damaged outside this program); "
+                         f"remove {folder} to restart the run from its beginning")
+
+
+def _non_finite_inputs(batch: dict, dataset: VQADataset) -> str:
+    """Which images of a batch have non-finite features or boxes (checked only after a divergence)."""
+    bad = []
+    for key in ("visual_feats", "visual_pos"):
+        rows = (~torch.isfinite(batch[key].float())).flatten(1).any(1).nonzero().flatten().tolist()
+        index = batch["index"].tolist()
+        for r in rows[:3]:
+            q = index[r]
+            bad.append(f"{key} of question {dataset.split.question_ids[q]} (feature-store row "
+                       f"{dataset.split.rows[q]} of {dataset.store.folder})")
+    return "; ".join(bad)
 
 
 _METRICS_PATH: Optional[Path] = None

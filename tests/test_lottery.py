@@ -25,9 +25,12 @@ def test_result_files(lottery_run):
     workdir, _, _ = lottery_run
     out = workdir / "result" / "tiny"
     expected = {"lottery.json", "lottery.csv", "lottery_table.md", "lottery_table.png", "lottery_all.png",
-                "finetune.json", "finetune.png", "predictions_seed0_minival.json", "predictions_seed0_test.json"}
+                "finetune.json", "finetune.png", "predictions", ".tables.lock"}
     expected |= {f"lottery_{m}.png" for m in MODES}
     assert {p.name for p in out.iterdir()} == expected
+    predictions = sorted(str(p.relative_to(out / "predictions")) for p in (out / "predictions").rglob("*.json"))
+    units = ["seed_0/dense"] + [f"seed_0/iterative_global/{m}/level_{x}" for m in MODES for x in (30, 60)]
+    assert predictions == sorted(f"{u}/{split}.json" for u in units for split in ("minival", "test"))
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in expected if n.endswith(".png"))
     assert (workdir / "logs" / "tiny.log").exists() and (workdir / "logs" / "tiny.jsonl").exists()
     assert not [p for p in workdir.rglob("*") if p.name.endswith(".tmp")]
@@ -45,6 +48,9 @@ def test_rows_and_sparsities(lottery_run):
         assert all(0 <= r[k] <= 100 for k in ROW_KEYS if k.startswith("accuracy"))
         assert r["accuracy_retrained_best"] >= r["accuracy_retrained"]
         assert set(r["measured_by_modality"]) == {"overall", "language", "vision", "cross", "pooler"}
+        assert set(r["tests"]) == {"test"} and r["splits"] == ["minival", "test"]
+        assert r["parent"] == (None if r["target_sparsity"] == 0.3 else 0.3)
+        assert sum(r["prunable_by_modality"].values()) > 0
     assert (saved["schedule"], saved["scope"], saved["valid_split"]) == ("iterative", "global", "minival")
 
 
@@ -57,14 +63,15 @@ def test_baselines_are_reported(lottery_run):
     assert all(r["accuracy_dense"] == seed["final"]["overall"] for r in result["rows"])
     assert all(r["accuracy_blind"] == seed["blind"]["minival"]["overall"] for r in result["rows"])
     assert set(seed["blind"]) == {"minival", "test"} and seed["blind"]["test"]["questions"] == 150
-    assert {"final", "best", "best_epoch", "blind", "epochs", "test"} <= set(seed)
+    assert {"final", "best", "best_epoch", "blind", "epochs", "tests"} <= set(seed)
     assert [e["epoch"] for e in seed["epochs"]] == [1] and seed["epochs"][0]["valid"] == seed["final"]["overall"]
-    assert seed["test"]["test"]["questions"] == 150 and ft["valid_split"] == "minival"
+    assert seed["tests"]["test"]["questions"] == 150 and ft["valid_split"] == "minival"
 
 
 def test_predictions_json(lottery_run, embedded_root):
     workdir, _, _ = lottery_run
-    preds = json.loads((workdir / "result" / "tiny" / "predictions_seed0_minival.json").read_text())
+    preds = json.loads((workdir / "result/tiny/predictions/seed_0/iterative_global/random/level_60/minival.json")
+                       .read_text())
     questions = json.loads((embedded_root / "minival.json").read_text())
     vocab = json.loads((embedded_root / "trainval_ans2label.json").read_text())
     assert isinstance(preds, list) and [p["question_id"] for p in preds] == [q["question_id"] for q in questions]
@@ -84,7 +91,8 @@ def test_csv_and_table_come_from_the_json(lottery_run):
     md = (out / "lottery_table.md").read_text()
     low60 = next(r for r in result["rows"] if r["mode"] == "low_magnitude" and r["target_sparsity"] == 0.6)
     measured60 = 100 * sum(r["measured_sparsity"] for r in result["rows"] if r["target_sparsity"] == 0.6) / 3
-    assert f"| 60 | {measured60:.2f} | {low60['accuracy_retrained']:.2f} ± 0.00 |" in md
+    assert f"| 60 | {measured60:.2f} | {low60['accuracy_retrained']:.2f} |" in md, "one seed: no '± 0.00'"
+    assert "± 0.00" not in md and "1 seed" in md
     assert "question-only" in md and f"{result['dense']['blind']['mean']:.2f}" in md
 
 
@@ -92,7 +100,7 @@ def test_masks_nest_match_the_weights_and_prune_the_dense_model(lottery_run, tin
     workdir, cfg, _ = lottery_run
     model = build_model(cfg.model, len(tiny_data.tokenizer), 16, tiny_data.num_answers)
     prunable = prunable_tensors(model)
-    dense = workdir / "models" / "tiny" / "seed_0" / "dense" / "final" / "model.safetensors"
+    dense = workdir / "models" / "tiny" / "seed_0" / "dense" / "run" / "final" / "model.safetensors"
     model.load_state_dict(load_tensors(dense))
     first = load_mask(_level(workdir, "low_magnitude", 30) / "mask.safetensors")[0]
     expected = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.3, "global")
@@ -103,7 +111,7 @@ def test_masks_nest_match_the_weights_and_prune_the_dense_model(lottery_run, tin
         assert all(torch.all(m60[k] <= m30[k]) for k in m30)
         weights = load_tensors(_level(workdir, mode, 60) / "run" / "final" / "model.safetensors")
         assert all(torch.all(weights[k][~m60[k]] == 0) for k in m60), "pruned weights are zero after retraining"
-        assert not (_level(workdir, mode, 60) / "run" / "last").exists(), "optimizer state is dropped when done"
+        assert not list((_level(workdir, mode, 60) / "run").glob("ckpt-*")), "optimizer state is dropped when done"
         sparsity = json.loads((_level(workdir, mode, 60) / "sparsity.json").read_text())
         assert sparsity["zeros"] >= sum(int((~v).sum()) for v in m60.values())
         assert set(modalities.values()) == {"language", "vision", "cross", "pooler"}
@@ -144,8 +152,9 @@ def test_masks_of_another_prunable_set_are_refused(lottery_run, embedded_root, m
 
     workdir, _, _ = lottery_run
     monkeypatch.chdir(workdir)
-    cfg = tiny_config(embedded_root, extra=LOTTERY_EXTRA + ["lottery.include_head=true"])
-    with pytest.raises(InputError, match=r"level_30/mask.safetensors: mask made for another prunable set"):
+    cfg = tiny_config(embedded_root, extra=LOTTERY_EXTRA + ["lottery.prunable=[encoder.encoder.*,encoder.pooler.*,head.*]"])
+    with pytest.raises(InputError, match=r"low_magnitude/settings.json: experiment 'tiny' ran .* with other settings "
+                                         r"\(lottery.prunable"):
         lottery.run_lottery(cfg)
     training._METRICS_PATH = None
 

@@ -19,18 +19,19 @@ LEVEL = Path("models/tiny/seed_0/iterative_global")
 HANG_AT_STEP = 6
 
 # `python -m lxmert` with one change: after the checkpoint at step 6 of the low-magnitude 60 % level's
-# run it announces itself and sleeps, so the SIGKILL lands in the middle of that level, never mid-write.
+# run it announces itself and sleeps, so the SIGKILL lands in the middle of that level. (tests/test_crash.py
+# kills at every file-system change instead, in forks; this one kills a real command-line process.)
 HANGING_CLI = f"""
 import pathlib, sys, time
 from lxmert import training
-save = training.Trainer._save_last
+save = training.Trainer._save_checkpoint
 def save_then_hang(self):
     save(self)
     if self.folder.parent.name == "level_60" and self.folder.parent.parent.name == "low_magnitude" \\
             and self.step == {HANG_AT_STEP}:
         pathlib.Path("checkpointed").write_text("")
         time.sleep(600)
-training.Trainer._save_last = save_then_hang
+training.Trainer._save_checkpoint = save_then_hang
 from lxmert.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -42,7 +43,7 @@ def _cli(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProce
 
 
 def _temporaries(*folders: Path) -> list[Path]:
-    return [p for folder in folders for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    return [p for folder in folders for p in folder.rglob("*") if ".lxmert-" in p.name]
 
 
 def test_killed_lottery_resumes_to_the_same_results(lottery_run, embedded_root, tmp_path):
@@ -59,7 +60,7 @@ def test_killed_lottery_resumes_to_the_same_results(lottery_run, embedded_root, 
             assert proc.poll() is None, f"the run ended early: {proc.stderr.read()[-2000:]}"
             assert time.time() < deadline, "the run never reached the level"
             time.sleep(0.05)
-        assert (work / LEVEL / "low_magnitude/level_60/run/last/trainer.pt").exists()
+        assert list((work / LEVEL / "low_magnitude/level_60/run").glob("ckpt-*/trainer.pt"))
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
@@ -70,18 +71,20 @@ def test_killed_lottery_resumes_to_the_same_results(lottery_run, embedded_root, 
     assert (work / LEVEL / "low_magnitude/level_30/result.json").exists()
     assert not (work / LEVEL / "low_magnitude/level_60/result.json").exists()
     assert not (work / "result/tiny/lottery.json").exists()
-    finished = [work / "models/tiny/seed_0/dense/done.json", work / LEVEL / "low_magnitude/level_30/result.json"]
+    finished = [work / "models/tiny/seed_0/dense/run/final/summary.json",
+                work / LEVEL / "low_magnitude/level_30/result.json"]
     stamps = [p.stat().st_mtime_ns for p in finished]
 
     done = _cli(["lottery", "--config", config], work)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from {LEVEL / 'low_magnitude/level_60/run/last'} at epoch 1, step {HANG_AT_STEP}" in done.stdout
+    assert f"resumed from {LEVEL / 'low_magnitude/level_60/run/ckpt-'}{HANG_AT_STEP:09d}" in done.stdout
+    assert f"at epoch 1, step {HANG_AT_STEP}" in done.stdout
     assert [p.stat().st_mtime_ns for p in finished] == stamps, "finished work is not redone"
     result = json.loads((work / "result/tiny/lottery.json").read_text())
     expected = [r for r in reference["rows"] if r["mode"] in ("low_magnitude", "random")]
     assert comparable(result["rows"]) == comparable(expected)
     assert result["dense"] == reference["dense"]
-    assert not (work / LEVEL / "low_magnitude/level_60/run/last").exists()
+    assert not list((work / LEVEL / "low_magnitude/level_60/run").glob("ckpt-*"))
     assert not _temporaries(work)
 
 
@@ -298,16 +301,18 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     from lxmert.io import atomic_folder, atomic_path, remove_temporaries
 
     run = tmp_path / "models" / "run"
-    stale = [_killed_inside(atomic_path(run / "last" / "model.safetensors")),
-             _killed_inside(atomic_path(run / "done.json")), _killed_inside(atomic_folder(run / "export"))]
-    old = run / ".store.k3j_9x0a.old"
-    (old / "store").mkdir(parents=True)
-    keep = [run / "last" / "trainer.pt", run / ".hidden", run / "notes.tmp", run / ".a.short.tmp",
-            run / ".mask.safetensors.ABCDEFGH.tmp", run / "x.safetensors.abcdefgh.tmp"]
+    stale = [_killed_inside(atomic_path(run / "best" / "model.safetensors")),
+             _killed_inside(atomic_path(run / "result.json")), _killed_inside(atomic_folder(run / "final"))]
+    old = run / ".ckpt-000000010.lxmert-4242-k3j_9x.old"
+    (old / "ckpt-000000010").mkdir(parents=True)
+    keep = [run / "best" / "notes.txt", run / ".hidden", run / "notes.tmp", run / ".a.short.tmp",
+            run / ".mask.safetensors.abcdefgh.tmp", run / "x.safetensors.lxmert-1-abcdefgh.tmp",
+            run / ".y.lxmert-12-ab.tmp"]
     for path in keep:
         path.write_text("")
+    assert all(".lxmert-" in p.name for p in stale)
     assert remove_temporaries(run) == sorted(stale + [old])
-    assert sorted(p for p in run.rglob("*") if p.is_file()) == sorted(keep)
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == sorted(keep), "a user's own .tmp files stay"
     assert remove_temporaries(run) == [] and remove_temporaries(tmp_path / "absent") == []
 
     data = tmp_path / "data"
@@ -315,29 +320,27 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     assert remove_temporaries(data, of="embedded") == [mine] and other.exists()
 
 
-def test_a_run_cleans_its_folders_when_it_starts(embedded_root, tmp_path, capsys, monkeypatch):
-    from lxmert.__main__ import _remove_stale_temporaries
-    from lxmert.io import atomic_folder, atomic_path
+def test_unit_cleans_only_its_own_folder_and_only_under_its_lock(tmp_path):
+    """Two processes on one experiment: a temporary of a unit another process holds is never removed."""
+    from lxmert.io import FileLock, atomic_path
+    from lxmert.units import Unit, _take
 
-    from conftest import tiny_config
+    def unit(name):
+        return Unit(name=name, folder=tmp_path / name, work=lambda: None, finished=lambda: False, settings={"a": 1})
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RANK", raising=False)
-    cfg = tiny_config(tmp_path / "data" / "embedded")
-    paths = [_killed_inside(atomic_path(cfg.model_dir / "seed_0" / "dense" / "last" / "trainer.pt")),
-             _killed_inside(atomic_path(cfg.result_dir / "lottery.json")),
-             _killed_inside(atomic_folder(tmp_path / "data" / "embedded"))]
-    _remove_stale_temporaries("plots", cfg)
-    monkeypatch.setenv("RANK", "1")
-    _remove_stale_temporaries("lottery", cfg)
-    assert all(p.exists() for p in paths), "plots may run beside a study; rank 1 never writes"
-    monkeypatch.setenv("RANK", "0")
-    _remove_stale_temporaries("lottery", cfg)
-    assert [p.exists() for p in paths] == [False, False, True], "under torchrun every rank may be generating"
-    monkeypatch.delenv("RANK")
-    _remove_stale_temporaries("generate", cfg)
-    assert not paths[2].exists()
-    assert capsys.readouterr().out.count("left behind by an interrupted write") == 3
+    held, free = unit("held"), unit("free")
+    writing = _killed_inside(atomic_path(held.folder / "run" / "model.safetensors"))
+    stale = _killed_inside(atomic_path(free.folder / "run" / "model.safetensors"))
+    other_process = FileLock(held.folder / ".lock")
+    assert other_process.acquire(blocking=False)
+    try:
+        assert _take(held, "x") is None, "a unit held elsewhere is not taken"
+        assert writing.exists(), "and its temporaries are left alone"
+        lock = _take(free, "x")
+        assert lock is not None and not stale.exists() and (free.folder / "settings.json").exists()
+        lock.release()
+    finally:
+        other_process.release()
 
 
 class _FullDisk(Exception):

@@ -11,11 +11,23 @@ from lxmert.io import InputError, load_state, load_tensors, save_tensors
 from lxmert.masks import full_mask
 from lxmert.modeling import build_model, prunable_tensors
 from lxmert.pruning import prune
-from lxmert.training import RunSpec, Trainer, TrainingDiverged, check_compatible, check_masked, load_weights
+from lxmert.training import (RunSpec, Trainer, TrainingDiverged, check_compatible, check_masked, checkpoints,
+                             load_weights, run_summary)
 
 from conftest import tiny_config
 
 STEPS_PER_EPOCH = 10  # 400 training questions, batch 40
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _raise_at(step_to_fail: int):
+    def after_step(step: int) -> None:
+        if step == step_to_fail:
+            raise Interrupt(step)
+    return after_step
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +38,27 @@ def ctx(embedded_root, tiny_data):
 
 def _fit(ctx, folder, epochs=2, seed=0, **spec_kwargs):
     model = ctx.new_model(seed)
-    spec = RunSpec(folder=folder, seed=seed, loss=ctx.loss("bce", model), epochs=epochs, lr=ctx.cfg.train.lr,
+    spec = RunSpec(folder=folder, seed=seed, loss=ctx.loss("bce", model, 0), epochs=epochs, lr=ctx.cfg.train.lr,
                    tag="test", **spec_kwargs)
     return model, Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
 
 
 def _without_seconds(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def _same_weights_as_file(model: torch.nn.Module, path) -> bool:
+    saved, own = load_tensors(path), model.state_dict()
+    return saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in own)
+
+
+@pytest.fixture(scope="module")
+def interrupted(ctx, tmp_path_factory):
+    """A run stopped in its second epoch: its folder holds the checkpoint of the first epoch's end."""
+    folder = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.raises(Interrupt):
+        _fit(ctx, folder, after_step=_raise_at(STEPS_PER_EPOCH + 3))
+    return folder
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -54,9 +80,11 @@ def test_run_writes_checkpoints_and_summary(reference):
     assert [r["step"] for r in summary["history"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["final"] == summary["history"][-1]["valid"]
     assert summary["final"]["questions"] == 150 and 0 <= summary["final"]["overall"] <= 100
-    for name in ("last/model.safetensors", "last/trainer.pt", "best/model.safetensors", "done.json"):
+    for name in ("final/model.safetensors", "final/summary.json", "best/model.safetensors"):
         assert (folder / name).exists(), name
-    assert load_state(folder / "last" / "trainer.pt")["step"] == 2 * STEPS_PER_EPOCH
+    assert run_summary(folder) == summary
+    assert checkpoints(folder) == [], "a finished run keeps no optimizer state"
+    assert _same_weights_as_file(model, folder / "final" / "model.safetensors")
 
 
 def test_pruned_weights_stay_exactly_zero(ctx, tmp_path):
@@ -71,7 +99,7 @@ def test_pruned_weights_stay_exactly_zero(ctx, tmp_path):
         zeros = sum(int((model.get_parameter(n)[~m] == 0).sum()) for n, m in mask.items())
         zeros_seen.append(zeros)
 
-    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model), epochs=1, lr=ctx.cfg.train.lr,
+    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model, 0), epochs=1, lr=ctx.cfg.train.lr,
                    masks=mask, after_step=check, tag="masked")
     Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
     assert zeros_seen == [pruned_count] * STEPS_PER_EPOCH
@@ -83,7 +111,7 @@ def test_pruned_weights_stay_exactly_zero(ctx, tmp_path):
     for name, keep in mask.items():
         with torch.no_grad():
             regrown.get_parameter(name).masked_fill_(~keep, 0)
-    spec = RunSpec(folder=tmp_path / "free", seed=0, loss=ctx.loss("bce", regrown), epochs=1, lr=ctx.cfg.train.lr,
+    spec = RunSpec(folder=tmp_path / "free", seed=0, loss=ctx.loss("bce", regrown, 0), epochs=1, lr=ctx.cfg.train.lr,
                    tag="free")
     Trainer(ctx.cfg, regrown, ctx.data.train, ctx.data.valid, spec).fit()
     assert sum(int((regrown.get_parameter(n)[~m] == 0).sum()) for n, m in mask.items()) < pruned_count // 2
@@ -98,17 +126,6 @@ def test_fixed_seed_run_repeats_exactly(ctx, reference, tmp_path):
     assert not _same_weights(model, other)
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _raise_at(step_to_fail: int):
-    def after_step(step: int) -> None:
-        if step == step_to_fail:
-            raise Interrupt(step)
-    return after_step
-
-
 @pytest.mark.parametrize("save_every, fail_at, resumed_at", [(0, STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH),
                                                               (4, STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH + 2)])
 def test_interrupted_run_resumes_exactly(ctx, reference, tmp_path, save_every, fail_at, resumed_at):
@@ -118,8 +135,9 @@ def test_interrupted_run_resumes_exactly(ctx, reference, tmp_path, save_every, f
     try:
         with pytest.raises(Interrupt):
             _fit(ctx, folder, after_step=_raise_at(fail_at))
-        assert not (folder / "done.json").exists()
-        state = load_state(folder / "last" / "trainer.pt")
+        assert not (folder / "final").exists()
+        [newest] = checkpoints(folder)
+        state = load_state(newest / "trainer.pt")
         assert state["step"] == resumed_at and len(state["history"]) == 1
         steps = []
         resumed, resumed_summary = _fit(ctx, folder, after_step=steps.append)
@@ -141,15 +159,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ctx, tmp_path):
             with torch.no_grad():
                 model.head[3].bias.fill_(float("nan"))
 
-    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model), epochs=2, lr=ctx.cfg.train.lr,
+    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=ctx.cfg.train.lr,
                    after_step=poison, tag="poisoned")
     with pytest.raises(TrainingDiverged, match=rf"at step {STEPS_PER_EPOCH + 3} \(epoch 2\)") as info:
         Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
-    assert str(folder / "last") in str(info.value)
-    assert load_state(folder / "last" / "trainer.pt")["step"] == STEPS_PER_EPOCH
-    weights = load_tensors(folder / "last" / "model.safetensors")
+    [newest] = checkpoints(folder)
+    assert f"last good checkpoint: {newest} (rerun resumes from it)" in str(info.value)
+    assert load_state(newest / "trainer.pt")["step"] == STEPS_PER_EPOCH
+    weights = load_tensors(newest / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert not (folder / "done.json").exists()
+    assert not (folder / "final").exists()
+
+
+def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(ctx, tmp_path):
+    model = ctx.new_model(0)
+
+    def poison(step: int) -> None:
+        with torch.no_grad():
+            model.head[3].bias.fill_(float("nan"))
+
+    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=ctx.cfg.train.lr,
+                   after_step=poison, tag="poisoned")
+    with pytest.raises(TrainingDiverged, match=r"at step 2 \(epoch 1\); no checkpoint was written yet"):
+        Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
 
 
 def test_weights_of_another_config_are_refused(ctx, tiny_data, tmp_path):
@@ -170,25 +202,25 @@ def test_weights_of_another_config_are_refused(ctx, tiny_data, tmp_path):
         check_compatible({**model.state_dict(), "extra.weight": torch.zeros(1)}, model.state_dict(), path)
 
 
-def test_resume_from_another_config_is_refused(ctx, reference, tiny_data, tmp_path):
+def test_resume_from_another_config_is_refused(ctx, interrupted, tiny_data, tmp_path):
     folder = tmp_path / "run"
-    shutil.copytree(reference[0] / "last", folder / "last")
+    shutil.copytree(interrupted, folder)
     other = Context(tiny_config(ctx.cfg.data.root, extra=["model.intermediate_size=48"]), tiny_data)
     model = other.new_model(0)
-    spec = RunSpec(folder=folder, seed=0, loss=other.loss("bce", model), epochs=2, lr=1e-3, tag="other")
-    with pytest.raises(InputError, match=r"last/model.safetensors does not match this config: "
+    spec = RunSpec(folder=folder, seed=0, loss=other.loss("bce", model, 0), epochs=2, lr=1e-3, tag="other")
+    with pytest.raises(InputError, match=r"ckpt-0+10-0001-0+/model.safetensors does not match this config: "
                                          r"'model\..*' has shape"):
         Trainer(other.cfg, model, tiny_data.train, tiny_data.valid, spec).fit()
 
 
-def test_resume_with_another_prunable_set_is_refused(ctx, reference, tmp_path):
-    """Same shapes, other masked tensors (e.g. lottery.include_embeddings changed): the names tell."""
+def test_resume_with_another_prunable_set_is_refused(ctx, interrupted, tmp_path):
+    """Same shapes, other masked tensors (e.g. lottery.prunable changed): the names tell."""
     folder = tmp_path / "run"
-    shutil.copytree(reference[0] / "last", folder / "last")
+    shutil.copytree(interrupted, folder)
     model = ctx.new_model(0)
-    mask = full_mask(model, prunable_tensors(model, include_embeddings=True))
-    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model), epochs=2, lr=1e-3, masks=mask, tag="m")
-    with pytest.raises(InputError, match=r"last/trainer.pt was trained with another prunable set than this "
+    mask = full_mask(model, prunable_tensors(model, ["encoder.embeddings.word_embeddings.weight", "encoder.encoder.*"]))
+    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=1e-3, masks=mask, tag="m")
+    with pytest.raises(InputError, match=r"/trainer.pt was trained with another prunable set than this "
                                          rf"config: 0 masked tensors there, {len(mask)} here; not masked there: "):
         Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
     check_masked(["a", "b"], ["a", "b"], folder)
@@ -200,7 +232,7 @@ def test_resume_with_another_prunable_set_is_refused(ctx, reference, tmp_path):
 def test_a_split_too_small_for_one_step_is_refused(ctx):
     model = ctx.new_model(0)
     cfg = tiny_config(ctx.cfg.data.root, batch_size=400, extra=["train.grad_accum=2"])
-    spec = RunSpec(folder=ctx.cfg.model_dir, seed=0, loss=ctx.loss("bce", model), epochs=1, lr=1e-3)
+    spec = RunSpec(folder=ctx.cfg.model_dir, seed=0, loss=ctx.loss("bce", model, 0), epochs=1, lr=1e-3)
     with pytest.raises(InputError, match=r"400 training questions give no optimizer step with "
                                          r"train.batch_size=400 over 1 process\(es\) and train.grad_accum=2"):
         Trainer(cfg, model, ctx.data.train, ctx.data.valid, spec)
@@ -211,7 +243,7 @@ def test_fresh_run_does_not_depend_on_what_the_process_ran_before(ctx, reference
     _, ref_model, ref_summary = reference
     model = ctx.new_model(0)
     torch.rand(12345), torch.randn(3, 3)  # what an earlier run in the same process would have drawn
-    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model), epochs=2, lr=ctx.cfg.train.lr,
+    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=ctx.cfg.train.lr,
                    tag="test")
     summary = Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
     assert _without_seconds(summary["history"]) == _without_seconds(ref_summary["history"])

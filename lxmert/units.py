@@ -1,0 +1,212 @@
+"""Units of work: how one study is shared by one process, several processes, or a cluster job array.
+
+A study is an ordered list of units (the dense fine-tune of a seed, the pruning levels of a (seed, mode),
+one study-B setting ...). A unit has a folder under models/<experiment>/, the units it needs finished
+first, the settings that decide what it computes, and a `work` function that does what is missing
+(every step of it is skipped when its output is on disk, so work is also how a killed unit resumes).
+
+`run_units` takes the units in order. A unit is taken under an exclusive lock on `<folder>/.lock`
+(io.FileLock: released when its holder exits or dies), so processes started on the same experiment
+never run the same unit: each takes a unit the others do not hold, waits while the only units left
+are held by others or need units still running elsewhere, and returns when nothing is left for it.
+Temporaries inside a unit's folder are removed only by the holder of its lock, so a process never
+deletes what a live process is writing.
+
+Settings: every unit records the settings it computes with in `<folder>/settings.json` when it is
+first taken. Before any work starts, every unit of the study that has such a record is compared with
+the current config; a change stops the run with one line listing the changed keys. Keys that only add
+units (seeds, modes, levels, losses, test splits) are not part of any unit's settings: they extend the
+grid. Under torchrun, rank 0 takes the locks and chooses; every rank runs the chosen unit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import distributed as dist
+from .io import FileLock, InputError, read_json, remove_temporaries, write_json
+
+log = logging.getLogger("lxmert")
+
+LOCK_NAME = ".lock"
+POLL_SECONDS = 2.0
+
+
+@dataclass
+class Unit:
+    name: str                                   # its folder relative to models/<experiment>, e.g. seed_0/dense
+    folder: Path
+    work: Callable[[], Any]
+    finished: Callable[[], bool]
+    settings: dict
+    needs: tuple[str, ...] = ()                 # names of units that must be finished first
+    check: Optional[Callable[[], None]] = None  # extra consistency check before any work (e.g. level chains)
+    cleanup: tuple[Path, ...] = field(default=())  # other folders only this unit writes (predictions)
+
+
+def check_settings(unit: Unit, experiment: str) -> None:
+    """Refuse a unit whose recorded settings differ from the current ones, naming every changed key."""
+    path = unit.folder / "settings.json"
+    if not path.exists():
+        return
+    recorded = read_json(path, "unit settings")
+    if not isinstance(recorded, dict):
+        raise InputError(f"{path}: expected a JSON object of settings; remove {unit.folder} to recompute the unit")
+    changed = sorted(k for k in set(recorded) | set(unit.settings) if recorded.get(k, "<unset>") !=
+                     _plain(unit.settings.get(k, "<unset>")))
+    if changed:
+        diffs = ", ".join(f"{k} {recorded.get(k, '<unset>')!r} -> {unit.settings.get(k, '<unset>')!r}"
+                          for k in changed[:6])
+        raise InputError(f"{path}: experiment '{experiment}' ran {unit.name} with other settings ({diffs}"
+                         f"{', ...' if len(changed) > 6 else ''}); to run these settings start a new experiment "
+                         f"(experiment=NEW_NAME), or remove {unit.folder} to recompute that unit")
+
+
+def _plain(value: Any) -> Any:
+    """A settings value as it reads back from JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def preflight(units: list[Unit], experiment: str) -> None:
+    """Every check that needs no lock, before any work: names are unique, needs exist, settings match."""
+    names = {u.name for u in units}
+    if len(names) != len(units):
+        raise InputError(f"experiment '{experiment}': two units share a folder name; check the grid keys")
+    for u in units:
+        missing = [n for n in u.needs if n not in names]
+        if missing:
+            raise RuntimeError(f"unit {u.name} needs unknown units {missing}")
+        check_settings(u, experiment)
+        if u.check is not None:
+            u.check()
+
+
+def _take(unit: Unit, experiment: str) -> Optional[FileLock]:
+    """The unit's lock if free and the unit still unfinished; its folder cleaned and settings recorded."""
+    lock = FileLock(unit.folder / LOCK_NAME)
+    if not lock.acquire(blocking=False):
+        return None
+    try:
+        if unit.finished():
+            lock.release()
+            return None
+        check_settings(unit, experiment)  # another process may have started it in between
+        for folder in (unit.folder, *unit.cleanup):
+            for path in remove_temporaries(folder):
+                log.info("%s: removed %s, left by an interrupted write", unit.name, path)
+        if not (unit.folder / "settings.json").exists():
+            write_json(unit.folder / "settings.json", unit.settings)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _held(unit: Unit) -> bool:
+    lock = FileLock(unit.folder / LOCK_NAME)
+    if lock.acquire(blocking=False):
+        lock.release()
+        return False
+    return True
+
+
+def _choose(units: list[Unit], done: set[str], experiment: str) -> tuple[str, Optional[Unit], Optional[FileLock]]:
+    """('run', unit, lock): the first free unfinished unit whose needs are finished. Otherwise 'done' when
+    every unit is finished, 'wait' when a unit left needs units still running (it can be taken later),
+    and 'end' when every unit left is held by another process (that process writes the tables)."""
+    pending = []
+    for u in units:
+        if u.name in done:
+            continue
+        if u.finished():
+            done.add(u.name)
+        else:
+            pending.append(u)
+    must_wait = False
+    for u in pending:
+        if any(n not in done for n in u.needs):
+            must_wait = True
+            continue
+        lock = _take(u, experiment)
+        if lock is not None:
+            return "run", u, lock
+        if u.finished():  # finished by another process just now: look again at once
+            return "again", None, None
+    if not pending:
+        return "done", None, None
+    return ("wait" if must_wait else "end"), None, None
+
+
+def run_units(units: list[Unit], experiment: str, poll: float = POLL_SECONDS) -> bool:
+    """Do every unit this process can take; True when all units of the list are finished on disk."""
+    preflight(units, experiment)
+    done: set[str] = set()
+    waited_for: Optional[str] = None
+    while True:
+        decision, unit, lock = _choose(units, done, experiment) if dist.is_main() else ("", None, None)
+        decision, name = dist.broadcast((decision, unit.name if unit is not None else None))
+        if decision == "run":
+            unit = unit if dist.is_main() else next(u for u in units if u.name == name)
+            try:
+                unit.work()
+            finally:
+                if lock is not None:
+                    lock.release()
+            dist.barrier()
+            waited_for = None
+            continue
+        if decision == "done":
+            return True
+        if decision == "again":
+            continue
+        if decision == "end":
+            log.info("the units left are running in other processes; the last of them writes the tables")
+            return False
+        if dist.is_main():
+            blocked = [u.name for u in units if u.name not in done and not u.finished()]
+            if blocked and blocked[0] != waited_for:
+                waited_for = blocked[0]
+                log.info("waiting for units held by other processes (%s%s)", ", ".join(blocked[:3]),
+                         ", ..." if len(blocked) > 3 else "")
+        time.sleep(poll)
+
+
+def once(folder: Path, finished: Callable[[], bool], make: Callable[[], Any], of: Optional[str] = None) -> None:
+    """Make an output that several units need (a seed's initial weights, a question-only baseline) exactly
+    once: under its own blocking lock, skipped when already there. Only rank 0 makes it; every rank
+    returns after it exists. `of` limits the cleanup of temporaries to that name inside `folder`."""
+    if dist.is_main() and not finished():
+        with FileLock(folder / (f".{of}.lock" if of else LOCK_NAME)):
+            if not finished():
+                remove_temporaries(folder, of=of)
+                make()
+    dist.barrier()
+
+
+def settings_of(config: dict, keys: list[str]) -> dict:
+    """Flat {dotted key: value} of a config dict for the given dotted keys; a section gives all its keys."""
+    out = {}
+    for key in keys:
+        node: Any = config
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, dict):
+            out.update(_flatten(node, f"{key}."))
+        else:
+            out[key] = node
+    return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
