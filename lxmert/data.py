@@ -302,7 +302,7 @@ UNK_LIMIT = 0.5
 
 def _check_tokenizer(train: "Split", tokenizer, cfg: Config) -> None:
     ids = train.input_ids[train.attention_mask.astype(bool)]
-    words = ~np.isin(ids, tokenizer.all_special_ids)
+    words = ~np.isin(ids, [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id])
     unknown = float(np.mean(ids[words] == tokenizer.unk_token_id)) if words.any() else 1.0
     if unknown > UNK_LIMIT:
         source = cfg.model.tokenizer or str(Path(cfg.data.root) / "tokenizer")

@@ -158,3 +158,56 @@ def test_masks_of_another_prunable_set_are_refused(lottery_run, embedded_root, m
         lottery.run_lottery(cfg)
     training._METRICS_PATH = None
 
+
+
+def test_changed_settings_are_refused_before_any_work(lottery_run, tmp_path, monkeypatch):
+    """train.lr / train.epochs / model.dropout change what finished units computed: one line, nothing redone."""
+    import shutil
+
+    import pytest
+
+    from conftest import LOTTERY_EXTRA, tiny_config
+    from lxmert.io import InputError
+
+    workdir, cfg, _ = lottery_run
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(training.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
+    changed = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["train.lr=0.002", "model.dropout=0.2"])
+    with pytest.raises(InputError, match=r"seed_0/dense/settings.json: experiment 'tiny' ran seed_0/dense with other "
+                                         r"settings \(model.dropout 0.0 -> 0.2, train.lr 0.001 -> 0.002\); to run "
+                                         r"these settings start a new experiment \(experiment=NEW_NAME\)"):
+        lottery.run_lottery(changed)
+    inserted = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["lottery.levels=[0.3,0.45,0.6]"])
+    with pytest.raises(InputError, match=r"level_60/level.json: level 0.6 was pruned from level 0.3, lottery.levels "
+                                         r"now prunes it from level 0.45; add levels only after the last one"):
+        lottery.run_lottery(inserted)
+    training._METRICS_PATH = None
+
+
+def test_grid_keys_extend_the_study(lottery_run, tmp_path, monkeypatch):
+    """A level added at the end and a new test split are computed; nothing finished is redone."""
+    import shutil
+
+    from conftest import LOTTERY_EXTRA, tiny_config
+
+    workdir, cfg, result = lottery_run
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    monkeypatch.chdir(work)
+    epochs = []
+    real_epoch = training.Trainer._epoch
+    monkeypatch.setattr(training.Trainer, "_epoch", lambda self: epochs.append(self.spec.tag) or real_epoch(self))
+    more = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["lottery.modes=[low_magnitude]",
+                                                             "lottery.levels=[0.3,0.6,0.8]", "data.test=[test,cp_test]"])
+    extended = lottery.run_lottery(more)
+    assert epochs == ["seed 0 low_magnitude 80%"], "only the new level trains"
+    rows = {(r["mode"], r["target_sparsity"]): r for r in extended["rows"]}
+    old = {(r["mode"], r["target_sparsity"]): r for r in result["rows"]}
+    assert set(rows) == {("low_magnitude", x) for x in (0.3, 0.6, 0.8)}
+    for key in (("low_magnitude", 0.3), ("low_magnitude", 0.6)):
+        assert rows[key]["accuracy_retrained"] == old[key]["accuracy_retrained"]
+        assert set(rows[key]["tests"]) == {"test", "cp_test"}, "the new test split is evaluated"
+    assert (work / "result/tiny/predictions/seed_0/dense/cp_test.json").exists()
+    training._METRICS_PATH = None

@@ -166,6 +166,21 @@ BAD_OVERRIDES = {
     "modality list length": (["debias.modality_sparsities=[[0.3,0.3]]"], "key 'debias.modality_sparsities'"),
     "modality cannot be met": (["model.family=visualbert", "debias.modality_sparsities=[[0.3,0.5,0.5,0.5]]"],
                                "a language sparsity of 0.3 cannot be met"),
+    "yaml syntax": (["seeds=[0,1"], "override 'seeds=[0,1': not valid YAML (line 1, column 5: expected ','"),
+    "python tag": (["seeds=!!python/object/apply:os.system [ls]"], "not valid YAML (line 1, column 1: could not "
+                                                                    "determine a constructor for the tag"),
+    "seed beyond range": (["seeds=[100000000000000000000000]"], "key 'seeds' = [100000000000000000000000] is out "
+                                                                "of range"),
+    "seed expression": (["seeds=[10**23]"], "key 'seeds' = ['10**23'] is out of range"),
+    "no training split": (["data.train=[]"], "key 'data.train' = [] is out of range"),
+    "experiment is a path": (["experiment=../../x"], "key 'experiment' = '../../x' is out of range"),
+    "experiment is absolute": (["experiment=/tmp/x"], "key 'experiment' = '/tmp/x' is out of range"),
+    "hidden experiment": (["experiment=.x"], "key 'experiment' = '.x' is out of range"),
+    "selection on a test split": (["data.valid=cp_test", "data.test=[test]"], "key 'data.valid' = 'cp_test' is "
+                                                                             "out of range"),
+    "valid also tested": (["data.valid=cp_minival", "data.test=[cp_minival]"], "is also in data.train or data.test"),
+    "levels share a folder": (["lottery.levels=[0.5,0.500001]"], "key 'lottery.levels' = [0.5, 0.500001] is out"),
+    "repeated level": (["lottery.levels=[0.5,0.5]"], "key 'lottery.levels' = [0.5, 0.5] is out of range"),
 }
 
 
@@ -175,7 +190,7 @@ def test_bad_config_value_is_one_error_line(case, embedded_root, tmp_path, capsy
     overrides, words = BAD_OVERRIDES[case]
     code, lines = _main(["debias", *_bad_config(tmp_path, embedded_root), *overrides], capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
-    assert str(tmp_path / "tiny.yaml") in lines[0]
+    assert str(tmp_path / "tiny.yaml") in lines[0] or lines[0].startswith(f"error: override '{overrides[0]}'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
 
 
@@ -215,7 +230,57 @@ def _box_width(root: Path) -> str:
     return f"{root / 'wide_boxes' / 'boxes.npy'}: shape"
 
 
+def _question_field(field, value):
+    def spoil(root: Path) -> str:
+        _edit_json(root / "minival.json", lambda qs: qs[:4] + [{**qs[4], field: value}] + qs[5:])
+        return f"{root / 'minival.json'}: question #4"
+    return spoil
+
+
+def _score(value):
+    def spoil(root: Path) -> str:
+        path = root / "train.json"
+        qs = json.loads(path.read_text())
+        answer = next(iter(qs[6]["label"]))
+        qs[6]["label"][answer] = value
+        path.write_text(json.dumps(qs))  # json writes NaN as the bare word NaN, which json reads back
+        return f"{path}: question #6 label of answer {answer!r} has score"
+    return spoil
+
+
+def _repeated_id(root: Path) -> str:
+    _edit_json(root / "test.json", lambda qs: qs[:9] + [{**qs[9], "question_id": qs[2]["question_id"]}] + qs[10:])
+    return f"{root / 'test.json'}: question #9 repeats question_id"
+
+
+def _nan_features(root: Path) -> str:
+    import numpy as np
+
+    arr = np.load(root / "features" / "features.npy", mmap_mode="r+")
+    arr[5, 2, 3] = np.nan
+    arr.flush()
+    return f"{root / 'features' / 'features.npy'}: image"
+
+
+def _blind_tokenizer(root: Path) -> str:
+    from transformers import BertTokenizer
+
+    shutil.rmtree(root / "tokenizer")
+    (root / "words.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
+    BertTokenizer(vocab=str(root / "words.txt")).save_pretrained(str(root / "tokenizer"))
+    return "of the training questions' tokens to [UNK]: it cannot read them"
+
+
 BAD_DATA = {"img_id not in the store": (_missing_image, []),
+            "sent is a number": (_question_field("sent", 7), []),
+            "img_id is a list": (_question_field("img_id", ["a"]), []),
+            "label score is a string": (_question_field("label", {"yes": "1.0"}), []),
+            "label score NaN": (_score(float("nan")), []),
+            "label score -50": (_score(-50), []),
+            "label score 1e30": (_score(1e30), []),
+            "repeated question id": (_repeated_id, []),
+            "NaN feature": (_nan_features, []),
+            "tokenizer without the words": (_blind_tokenizer, []),
             "empty split": (_empty_split, []),
             "truncated vocabulary": (_truncated_vocab, []),
             "boxes in pixels": (_pixel_boxes, ["data.features=pixels"]),
@@ -234,6 +299,108 @@ def test_bad_data_is_one_error_line_and_writes_nothing(case, embedded_root, tmp_
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert not (tmp_path / "models").exists() and not (tmp_path / "result").exists()
     assert not _temporaries(tmp_path)
+
+
+def test_interrupt_is_one_line_and_exit_130(embedded_root, tmp_path, capsys, monkeypatch):
+    from lxmert import lottery
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lottery, "run_lottery", interrupted)
+    code, lines = _main(["lottery", *_bad_config(tmp_path, embedded_root)], capsys)
+    assert code == 130 and lines == ["error: interrupted; run the same command again to resume where it stopped"]
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_work(embedded_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "result").write_text("a file where the result folder goes")
+    code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
+    assert code == 2 and lines == [f"error: cannot write to result/tiny: result is not a folder; fix the permissions "
+                                   f"or run elsewhere"]
+    (tmp_path / "result").unlink()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == "." else real_access(p, mode))
+    code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
+    assert code == 2 and lines == ["error: cannot write to models/tiny: . is not writable; fix the permissions or "
+                                   "run elsewhere"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"], "nothing was started"
+
+
+def _copy_study(lottery_run, tmp_path) -> tuple[Path, Path]:
+    workdir, cfg, _ = lottery_run
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    config = tiny_yaml(tmp_path / "tiny.yaml", cfg.data.root, extra=LOTTERY_EXTRA)
+    return work, config
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+LEVEL60 = "models/tiny/seed_0/iterative_global/random/level_60"
+DAMAGE = {
+    "truncated dense weights": (lambda w: _truncate(w / "models/tiny/seed_0/dense/run/final/model.safetensors"),
+                                "dense/run/final/model.safetensors: unreadable weights file, truncated or corrupt"),
+    "truncated init weights": (lambda w: _truncate(w / "models/tiny/seed_0/init.safetensors"),
+                               "init.safetensors: unreadable weights file, truncated or corrupt"),
+    "truncated mask": (lambda w: _truncate(w / LEVEL60 / "mask.safetensors"),
+                       "level_60/mask.safetensors: unreadable weights file, truncated or corrupt"),
+    "mask of zeros": (lambda w: _zero_mask(w / LEVEL60 / "mask.safetensors"),
+                      "level_60/mask.safetensors: the mask prunes every weight"),
+    "binary summary": (lambda w: (w / LEVEL60 / "run/final/summary.json").write_bytes(b"\x80\x81\xfe"),
+                       "level_60/run/final/summary.json: not UTF-8 text"),
+    "empty result": (lambda w: (w / LEVEL60 / "result.json").write_text("{}"),
+                     "level_60/result.json: field 'mode' is missing (not a complete level result)"),
+    "result is a list": (lambda w: (w / LEVEL60 / "result.json").write_text("[]"),
+                         "level_60/result.json: expected a JSON object, got list"),
+}
+
+
+def _zero_mask(path: Path) -> None:
+    from lxmert.masks import load_mask, save_mask
+
+    mask, modalities = load_mask(path)
+    first = next(iter(mask))
+    save_mask(path, {k: v if k == first else v & False for k, v in mask.items()}, modalities)
+    mask, _ = load_mask(path)
+    mask[first][:] = False
+    from lxmert.io import save_tensors
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    save_tensors(path, {k: torch.from_numpy(np.packbits(v.numpy().ravel())) for k, v in mask.items()}, meta)
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_study_file_is_one_error_line(case, lottery_run, tmp_path, capsys, monkeypatch):
+    work, config = _copy_study(lottery_run, tmp_path)
+    damage, words = DAMAGE[case]
+    for path in (work / LEVEL60).glob("result.json"):
+        if case in ("truncated mask", "mask of zeros", "binary summary", "truncated dense weights",
+                    "truncated init weights"):
+            path.unlink()  # the level must be visited again to read what was damaged
+    damage(work)
+    if case == "truncated dense weights" or case == "truncated init weights":
+        shutil.rmtree((work / LEVEL60).parent)  # the chain is computed again from the dense model
+    monkeypatch.chdir(work)
+    code, lines = _main(["lottery", "--config", config], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert not _temporaries(work)
+
+
+def test_plots_of_rows_missing_keys_is_one_error_line(lottery_run, tmp_path, capsys, monkeypatch):
+    work, config = _copy_study(lottery_run, tmp_path)
+    _edit_json(work / "result/tiny/lottery.json", lambda r: {**r, "rows": [{"mode": "random"}] + r["rows"][1:]})
+    monkeypatch.chdir(work)
+    code, lines = _main(["plots", "--config", config], capsys)
+    assert code == 2 and lines == ["error: result/tiny/lottery.json: row 0 has no field 'seed'; rerun the study to "
+                                   "rebuild it"]
 
 
 def test_answers_outside_the_vocabulary_are_counted_not_fatal(embedded_root, tmp_path):
