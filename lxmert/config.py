@@ -51,6 +51,9 @@ def _names(v: Any, allow_empty: bool = True) -> bool:
 # Default prunable set of study A (LXMERT): every Linear weight of the encoders (language, vision with the
 # visual feature and box projections, cross-modality) and of the pooler; not the embeddings, not the QA head.
 PRUNABLE_DEFAULT = ("encoder.encoder.*", "encoder.pooler.*")
+# Study B's masked set (Si et al.): the word embeddings and every Linear weight of the language, vision
+# (visual feature and box projections included) and cross-modality layers and of the pooler.
+STUDY_B_PRUNABLE = ("encoder.embeddings.word_embeddings.weight", "encoder.encoder.*", "encoder.pooler.*")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 # Split names that are test splits (never used for model selection): the embedded test / cp_test,
 # VQA v2's test, VQA-CP's cp_test, VQA-VS's test_iid and ood_* sets.
@@ -172,6 +175,13 @@ class LotteryConfig:
                         lambda v: _names(v, allow_empty=False), "a non-empty list of name patterns")
 
 
+MODALITIES = ("language", "vision", "cross", "pooler")
+
+
+def _modality_settings(v: Any) -> bool:
+    return all(isinstance(x, dict) and set(x) == set(MODALITIES) and _all_fractions(x.values()) for x in v)
+
+
 @dataclass
 class DebiasConfig:
     stage1_losses: list = _f(["bce", "lmh", "lpf"], "losses of the full fine-tune (stage 1)",
@@ -180,20 +190,30 @@ class DebiasConfig:
     stage2_losses: list = _f(["bce", "lpf"], "losses of mask training (stage 2)",
                              lambda v: len(v) > 0 and all(x in ("bce", "lmh", "lpf") for x in v),
                              "a non-empty list of bce, lmh, lpf")
-    sparsities: list = _f([0.5], "uniform target sparsities of mask training", _all_fractions,
-                          "values in [0, 1)")
-    modality_sparsities: list = _f([], "extra settings as [language, vision, cross, pooler] sparsities",
-                                   lambda v: all(len(x) == 4 and _all_fractions(x) for x in v),
-                                   "a list of 4-value lists, each value in [0, 1)")
-    stage3: bool = _f(True, "also fine-tune each pruned model with its mask fixed")
+    sparsities: list = _f([0.5], "uniform sparsities of mask training: the fraction of every modality's prunable "
+                          "weights that is REMOVED (0.7 keeps 30 %)", _all_fractions, "values in [0, 1)")
+    modality_sparsities: list = _f([], "per-modality settings, each a mapping {language, vision, cross, pooler} -> "
+                                   "the fraction REMOVED, e.g. {language: 0.7, vision: 0.7, cross: 0.7, pooler: 0.7} "
+                                   "is Si et al.'s command line '0.3 0.3 0.3 0.7' (keep 30 %)", _modality_settings,
+                                   "a list of mappings with exactly the keys language, vision, cross, pooler, "
+                                   "each value in [0, 1)")
+    prunable: list = _f(list(STUDY_B_PRUNABLE), "the masked set of stage 2: glob patterns over Linear and Embedding "
+                        "weight names (default: Si et al.'s, word embeddings included)",
+                        lambda v: _names(v, allow_empty=False), "a non-empty list of name patterns")
     stage2_epochs: int = _f(4, "mask-training epochs", _positive, "> 0")
     stage2_lr: float = _f(5e-5, "learning rate of mask training (scores and QA head); 5e-5 is the paper's for "
                           "20 epochs of VQA-CP; far larger values flip most masks every step", _positive, "> 0")
-    stage3_epochs: int = _f(2, "epochs of stage 3", _positive, "> 0")
+    stage2_batch_size: int = _f(0, "batch size of mask training (0: train.batch_size)", _non_negative, ">= 0")
     reset_every: int = _f(100, "steps between the per-tensor top-k resets of the scores", _positive, "> 0")
+    stage3: bool = _f(True, "also fine-tune each pruned model with its mask fixed")
+    stage3_epochs: int = _f(2, "epochs of stage 3", _positive, "> 0")
+    stage3_lr: float = _f(0.0, "learning rate of stage 3 (0: train.lr)", _non_negative, ">= 0")
+    stage3_batch_size: int = _f(0, "batch size of stage 3 (0: train.batch_size)", _non_negative, ">= 0")
+    controls: bool = _f(True, "same-compute controls: each stage-1 model also trained densely, with the stage-2 "
+                        "loss, for as many epochs as stages 2 + 3 add")
     lmh_entropy: float = _f(0.36, "weight of the LMH entropy penalty", _non_negative, ">= 0")
     lpf_gamma: float = _f(5.0, "LPF focusing exponent", _non_negative, ">= 0")
-    lottery_baseline: bool = _f(True, "also report lottery-ticket (low-magnitude) masks at the same sparsities")
+    lottery_baseline: bool = _f(True, "also report lottery-ticket (low-magnitude) masks at the uniform sparsities")
 
 
 @dataclass
@@ -367,11 +387,9 @@ def _cross_checks(config: Config, source: str) -> None:
     if config.model.hidden_size % config.model.num_attention_heads:
         raise ConfigError(f"{source}: key 'model.hidden_size' ({config.model.hidden_size}) must be a "
                           f"multiple of 'model.num_attention_heads' ({config.model.num_attention_heads})")
-    if config.model.family == "visualbert":
-        for values in config.debias.modality_sparsities:
-            if values[0] != 0:
-                raise ConfigError(f"{source}: key 'debias.modality_sparsities' has {values}: a language sparsity of "
-                                  f"{values[0]} cannot be met, VisualBERT has no separate language stream (use 0)")
+    if not config.debias.sparsities and not config.debias.modality_sparsities:
+        raise ConfigError(f"{source}: keys 'debias.sparsities' and 'debias.modality_sparsities' are both empty: "
+                          "stages 2 and 3 would be skipped")
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"{source}: key 'seeds' has repeated values: {config.seeds}")
     d = config.data

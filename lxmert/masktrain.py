@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .masks import measure_mask
+from .config import STUDY_B_PRUNABLE
 from .modeling import prunable_tensors
 
 MASKED_MODALITIES = ("language", "vision", "cross", "pooler")
@@ -135,10 +136,11 @@ class LearnedMasks:
     """
 
     def __init__(self, model: nn.Module, sparsity: float | Sequence[float] | Mapping[str, float],
-                 include_embeddings: bool = False, threshold: float = THRESHOLD, init_score: float = INIT_SCORE):
+                 patterns: Sequence[str] = STUDY_B_PRUNABLE, threshold: float = THRESHOLD,
+                 init_score: float = INIT_SCORE):
         if not 0.0 <= threshold < init_score:
             raise ValueError(f"need 0 <= threshold < init_score, got {threshold} and {init_score}")
-        tensors = prunable_tensors(model, include_embeddings=include_embeddings, include_head=False)
+        tensors = prunable_tensors(model, patterns)
         self.sparsity = resolve_sparsity(sparsity, {t.modality for t in tensors})
         taken = [t.name for t in tensors if parametrize.is_parametrized(_owner(model, t.name), "weight")]
         if taken:
@@ -227,5 +229,5 @@ def sparsity_report(masks: Mapping[str, torch.Tensor], model: nn.Module) -> dict
     Same format as every other mask report of the project (masks.measure_mask); modalities come from
     modeling.prunable_tensors, and a name outside the prunable set is reported as 'other'.
     """
-    modality_of = {t.name: t.modality for t in prunable_tensors(model, include_embeddings=True, include_head=True)}
+    modality_of = {t.name: t.modality for t in prunable_tensors(model, ["encoder.*", "head.*"])}
     return measure_mask(dict(masks), {name: modality_of.get(name, "other") for name in masks})

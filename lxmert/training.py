@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,7 +63,7 @@ class RunSpec:
     capture_step: int = 0
     tag: str = ""  # names the run in logs; with the seed it also seeds the run's RNG (dropout)
     before_save: Optional[Callable[[], None]] = None
-    extra: dict = field(default_factory=dict)
+    batch_size: Optional[int] = None  # the config's train.batch_size unless a stage sets its own
 
 
 class _Objective(nn.Module):
@@ -121,12 +121,13 @@ class Trainer:
         self.device = dist.device()
         self.objective = _Objective(model, spec.loss).to(self.device)
         self.enforcer = MaskEnforcer(model, spec.masks) if spec.masks else None
-        self.sampler = BatchSampler(len(train), cfg.train.batch_size, spec.seed, True, dist.rank(), dist.world())
+        self.batch_size = spec.batch_size or cfg.train.batch_size
+        self.sampler = BatchSampler(len(train), self.batch_size, spec.seed, True, dist.rank(), dist.world())
         self.batches_per_epoch = len(self.sampler.global_batches())
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
-            raise InputError(f"{len(train)} training questions give no optimizer step with train.batch_size="
-                             f"{cfg.train.batch_size} over {dist.world()} process(es) and train.grad_accum="
+            raise InputError(f"{len(train)} training questions give no optimizer step with a batch size of "
+                             f"{self.batch_size} over {dist.world()} process(es) and train.grad_accum="
                              f"{cfg.train.grad_accum}")
         total = self.steps_per_epoch * spec.epochs
         self.optimizer = _optimizer(self.objective, spec, cfg, self.device)

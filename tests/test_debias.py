@@ -12,16 +12,16 @@ from lxmert.debias import run_debias
 from lxmert.io import load_tensors, read_json
 from lxmert.masks import load_mask, measure_mask
 
-MODALITY_SETTING = [0.3, 0.5, 0.7, 0.2]
-TARGETS = {"s50": dict.fromkeys(["language", "vision", "cross", "pooler"], 0.5),
-           "l30-v50-x70-p20": dict(zip(["language", "vision", "cross", "pooler"], MODALITY_SETTING))}
+MODALITY_SETTING = {"language": 0.3, "vision": 0.5, "cross": 0.7, "pooler": 0.2}
+TARGETS = {"s50": dict.fromkeys(["language", "vision", "cross", "pooler"], 0.5), "l30-v50-x70-p20": MODALITY_SETTING}
 
 
 def _config(root: Path, experiment: str, extra: list[str] = ()):
     """The session's tiny experiment on the changing-priors splits, with a one-epoch debias grid."""
     grid = ["data.train=[cp_train]", "data.valid=cp_minival", "data.test=[test,cp_test]", "lottery.scope=layer",
             "debias.stage1_losses=[bce]", "debias.stage2_losses=[lpf]", "debias.sparsities=[0.5]",
-            f"debias.modality_sparsities=[{MODALITY_SETTING}]", "debias.stage2_epochs=1",
+            "debias.modality_sparsities=[{language: 0.3, vision: 0.5, cross: 0.7, pooler: 0.2}]",
+            "debias.stage2_epochs=1",
             "debias.stage3_epochs=1", "debias.reset_every=3"]
     return tiny_config(root, experiment=experiment, extra=grid + list(extra))
 
@@ -44,7 +44,8 @@ def _seed_dir(folder: Path, experiment: str) -> Path:
 def test_rows_cover_the_grid(study):
     folder, cfg, result = study
     got = sorted((r["setting"], r["stage"], r["sparsity_tag"], r["stage2_loss"]) for r in result["rows"])
-    assert got == sorted([("bce", "full", "full", None), ("lottery", "lottery", "s50", None)]
+    assert got == sorted([("bce", "full", "full", None), ("lottery", "lottery", "s50", None),
+                          ("bce-lpf", "control", "full", "lpf")]
                          + [("bce-lpf", stage, tag, "lpf") for stage in ("stage2", "stage3") for tag in TARGETS])
     assert read_json(folder / "result" / "cp_tiny" / "debias.json") == result
     assert result["test_splits"] == ["test", "cp_test"]
@@ -52,8 +53,14 @@ def test_rows_cover_the_grid(study):
         assert set(r["final"]) == set(r["best"]) == {"test", "cp_test"}
         for acc in list(r["final"].values()) + list(r["best"].values()):
             assert 0 <= acc["overall"] <= 100 and {"yes/no", "number", "other"} <= set(acc)
-        assert set(r["blind"]) == {"cp_minival", "test", "cp_test"}
+        assert set(r["blind"]) == {r["stage1_loss"], r["stage2_loss"] or r["stage1_loss"]}
+        assert all(set(b) == {"cp_minival", "test", "cp_test"} for b in r["blind"].values())
         assert r["valid_split"] == "cp_minival" and 0 <= r["valid"] <= 100
+        assert set(r["prunable_by_modality"]) == {"language", "vision", "cross", "pooler"}
+    epochs = {r["stage"]: r["epochs"] for r in result["rows"]}
+    assert epochs == {"full": 1, "stage2": 2, "stage3": 3, "control": 3, "lottery": 2}, "same compute as stage 3"
+    md = (folder / "result" / "cp_tiny" / "debias_table.md").read_text()
+    assert "| question-only bce |" in md and "| question-only lpf |" in md and "± 0.00" not in md
     for name in ("debias_table.md", "debias_table.png", "debias_cp_test.png", "debias_test.png"):
         assert (folder / "result" / "cp_tiny" / name).stat().st_size > 0
 
@@ -90,14 +97,14 @@ def test_stage3_keeps_the_stage2_mask(study):
 
 def test_rerun_recomputes_nothing(study, monkeypatch):
     folder, cfg, result = study
-    files = sorted(p for pattern in ("result.json", "done.json", "*.safetensors")
+    files = sorted(p for pattern in ("result.json", "summary.json", "*.safetensors")
                    for p in (folder / "models").rglob(pattern))
     stamps = {p: p.stat().st_mtime_ns for p in files}
     monkeypatch.chdir(folder)
     again = run_debias(cfg)
     assert again["rows"] == result["rows"]
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
-    assert sorted(p for pattern in ("result.json", "done.json", "*.safetensors")
+    assert sorted(p for pattern in ("result.json", "summary.json", "*.safetensors")
                   for p in (folder / "models").rglob(pattern)) == files
 
 
@@ -105,7 +112,9 @@ def test_stage2_on_visualbert(embedded_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _config(embedded_root, "cp_vb", ["model.family=visualbert", "model.num_hidden_layers=1",
                                            "debias.stage2_losses=[bce]", "debias.modality_sparsities=[]",
-                                           "debias.stage3=false", "debias.lottery_baseline=false"])
+                                           "debias.stage3=false", "debias.lottery_baseline=false",
+                                           "debias.controls=false", "debias.prunable=[encoder.encoder.*,"
+                                           "encoder.pooler.*,encoder.embeddings.visual_projection.*]"])
     result = run_debias(cfg)
     assert sorted((r["setting"], r["stage"]) for r in result["rows"]) == [("bce", "full"), ("bce-bce", "stage2")]
     mask, modalities = load_mask(_seed_dir(tmp_path, "cp_vb") / "bce-bce" / "s50" / "stage2" / "mask.safetensors")
@@ -121,10 +130,10 @@ def test_vqa_vs_score_is_the_mean_of_the_ood_sets():
         return {k: {"overall": v} for k, v in values.items()}
 
     tests = {"test_iid": 70.0, "ood_qt": 40.0, "ood_kw": 50.0, "ood_ko": 66.0}
-    row = {"setting": "bce", "stage": "full", "sparsity_tag": "full", "target_sparsity": 0.0,
-           "measured_sparsity": 0.0, "valid": 71.0, "final": accs(tests), "best": accs(tests),
-           "blind": accs({"val": 40.0, **{k: v / 2 for k, v in tests.items()}})}
+    row = {"setting": "bce", "stage": "full", "sparsity_tag": "full", "target_sparsity": 0.0, "epochs": 4,
+           "measured_sparsity": 0.0, "valid": 71.0, "final": accs(tests), "best": accs(tests), "seed": 0,
+           "blind": {"bce": accs({"val": 40.0, **{k: v / 2 for k, v in tests.items()}})}}
     header, body = debias_table({"test_splits": list(tests), "valid_split": "val", "rows": [row]})
     assert header[-2:] == ["ood_mean final", "ood_mean best"]
-    assert body[0][-2:] == ["52.00 ± 0.00", "52.00 ± 0.00"]
-    assert body[-1][-2] == "26.00 ± 0.00"  # question-only, same mean
+    assert body[0][-2:] == ["52.00", "52.00"]
+    assert body[-1][0] == "question-only bce" and body[-1][-2] == "26.00"  # question-only, same mean

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lxmert.config import ModelConfig
+from lxmert.config import STUDY_B_PRUNABLE, ModelConfig
 from lxmert.losses import BCELoss
 from lxmert.masktrain import LearnedMasks, ScoreMask, sparsity_report, top_k_mask
 from lxmert.modeling import build_model, prunable_tensors
@@ -34,9 +34,12 @@ def _numel(model, name: str) -> int:
     return model.get_submodule(name.rsplit(".", 1)[0]).weight.numel()
 
 
-def _expected_keep(model, sparsity: dict, include_embeddings: bool = False) -> dict[str, int]:
+WITHOUT_EMBEDDINGS = ["encoder.encoder.*", "encoder.pooler.*"]
+
+
+def _expected_keep(model, sparsity: dict, patterns=STUDY_B_PRUNABLE) -> dict[str, int]:
     return {t.name: round((1 - sparsity[t.modality]) * _numel(model, t.name))
-            for t in prunable_tensors(model, include_embeddings=include_embeddings)}
+            for t in prunable_tensors(model, patterns)}
 
 
 def _train_steps(model, masks: LearnedMasks, steps: int, lr: float = 0.05) -> None:
@@ -76,19 +79,20 @@ def test_top_k_mask_exact_with_ties_to_lowest_index():
 
 def test_initial_masks_are_exact_magnitude_top_k():
     model = _tiny()
-    masks = LearnedMasks(model, SPARSITY, include_embeddings=True)
+    masks = LearnedMasks(model, SPARSITY)
     current = masks.current_masks()
-    assert current.keys() == _expected_keep(model, SPARSITY, True).keys()
+    assert current.keys() == _expected_keep(model, SPARSITY).keys()
     for e in masks.entries:
         mask = current[e.name]
-        assert int(mask.sum()) == _expected_keep(model, SPARSITY, True)[e.name], e.name
+        assert int(mask.sum()) == _expected_keep(model, SPARSITY)[e.name], e.name
         w = e.module.parametrizations.weight.original.abs()
         assert w[mask].min() >= w[~mask].max()
         scores = e.parametrization.scores.detach()
         torch.testing.assert_close(scores[mask], torch.full((int(mask.sum()),), 0.02))
         assert bool((scores[~mask] == 0).all())
         assert not e.module.parametrizations.weight.original.requires_grad
-    assert "encoder.embeddings.word_embeddings.weight" in current
+    assert "encoder.embeddings.word_embeddings.weight" in current, "study B masks the word embeddings (language)"
+    assert masks.entries[0].modality == "language"
 
 
 def test_training_then_reset_gives_exact_counts_and_keeps_weights_frozen():
@@ -171,7 +175,7 @@ def test_sparsity_report_counts():
     report = sparsity_report(masks.current_masks(), model)
     keep = _expected_keep(model, SPARSITY)
     for modality in SPARSITY:
-        names = [t.name for t in prunable_tensors(model) if t.modality == modality]
+        names = [t.name for t in prunable_tensors(model, STUDY_B_PRUNABLE) if t.modality == modality]
         total = sum(_numel(model, n) for n in names)
         zeros = total - sum(keep[n] for n in names)
         assert report["by_modality"][modality] == pytest.approx(100 * zeros / total, abs=1e-4)

@@ -40,9 +40,16 @@ def test_prunable_set_is_linear_weights_of_the_encoder(tiny):
     assert not any("LayerNorm" in n or n.startswith("head.") or "embeddings" in n for n in names)
     assert {t.modality for t in prunable} == {"language", "vision", "cross", "pooler"}
     assert "encoder.encoder.visn_fc.visn_fc.weight" in names and "encoder.pooler.dense.weight" in names
-    with_head = prunable_tensors(model, include_embeddings=True, include_head=True)
+    with_head = prunable_tensors(model, ["encoder.embeddings.word_embeddings.weight", "encoder.encoder.*",
+                                         "encoder.pooler.*", "head.*"])
     assert len(with_head) == len(prunable) + 3
-    assert with_head[0].name == "encoder.embeddings.word_embeddings.weight"
+    assert with_head[0].name == "encoder.embeddings.word_embeddings.weight" and with_head[0].modality == "language"
+    assert {t.modality for t in with_head[-2:]} == {"head"}
+    original = prunable_tensors(model, ["encoder.encoder.layer.*", "encoder.encoder.r_layers.*",
+                                        "encoder.encoder.x_layers.*", "encoder.encoder.visn_fc.visn_fc.*", "head.*"])
+    assert "encoder.encoder.visn_fc.box_fc.weight" not in [t.name for t in original]
+    with pytest.raises(InputError, match=r"prunable pattern\(s\) \['encoder.nothing.\*'\] match no Linear"):
+        prunable_tensors(model, ["encoder.encoder.*", "encoder.nothing.*"])
 
 
 @pytest.mark.parametrize("scope", SCOPES)

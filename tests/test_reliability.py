@@ -161,11 +161,14 @@ BAD_OVERRIDES = {
     "wrong type": (["train.epochs=two"], "key 'train.epochs' must be int, got 'two'"),
     "sparsity 1": (["debias.sparsities=[0.5,1.0]"], "key 'debias.sparsities' = [0.5, 1.0] is out of range"),
     "negative level": (["lottery.levels=[-0.1,0.5]"], "key 'lottery.levels' = [-0.1, 0.5] is out of range"),
-    "modality out of range": (["debias.modality_sparsities=[[0.3,0.3,1.2,0.3]]"],
-                              "key 'debias.modality_sparsities' = [[0.3, 0.3, 1.2, 0.3]] is out of range"),
-    "modality list length": (["debias.modality_sparsities=[[0.3,0.3]]"], "key 'debias.modality_sparsities'"),
-    "modality cannot be met": (["model.family=visualbert", "debias.modality_sparsities=[[0.3,0.5,0.5,0.5]]"],
-                               "a language sparsity of 0.3 cannot be met"),
+    "modality out of range": (["debias.modality_sparsities=[{language: 0.3, vision: 0.3, cross: 1.2, pooler: 0.3}]"],
+                              "key 'debias.modality_sparsities' = [{'language': 0.3, 'vision': 0.3, 'cross': 1.2, "
+                              "'pooler': 0.3}] is out of range"),
+    "modality unnamed": (["debias.modality_sparsities=[[0.3,0.3,0.3,0.7]]"], "key 'debias.modality_sparsities' = "
+                                                                           "[[0.3, 0.3, 0.3, 0.7]] is out of range"),
+    "modality missing": (["debias.modality_sparsities=[{language: 0.3}]"], "exactly the keys language, vision"),
+    "no stage-2 sparsity": (["debias.sparsities=[]"], "keys 'debias.sparsities' and 'debias.modality_sparsities' "
+                                                      "are both empty"),
     "yaml syntax": (["seeds=[0,1"], "override 'seeds=[0,1': not valid YAML (line 1, column 5: expected ','"),
     "python tag": (["seeds=!!python/object/apply:os.system [ls]"], "not valid YAML (line 1, column 1: could not "
                                                                     "determine a constructor for the tag"),

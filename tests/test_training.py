@@ -234,7 +234,7 @@ def test_a_split_too_small_for_one_step_is_refused(ctx):
     cfg = tiny_config(ctx.cfg.data.root, batch_size=400, extra=["train.grad_accum=2"])
     spec = RunSpec(folder=ctx.cfg.model_dir, seed=0, loss=ctx.loss("bce", model, 0), epochs=1, lr=1e-3)
     with pytest.raises(InputError, match=r"400 training questions give no optimizer step with "
-                                         r"train.batch_size=400 over 1 process\(es\) and train.grad_accum=2"):
+                                         r"a batch size of 400 over 1 process\(es\) and train.grad_accum=2"):
         Trainer(cfg, model, ctx.data.train, ctx.data.valid, spec)
 
 
