@@ -1,29 +1,44 @@
-"""Command line: python -m lxmert <command> --config run/configs/X.yaml [key.sub=value ...]"""
+"""Command line: python -m lxmert <command> --config run/configs/X.yaml [key.sub=value ...]
+
+Every command validates the whole config and its overrides before any work. Errors are one `error:` line
+with exit code 2 (bad input), 3 (the loss diverged), 4 (disk full) or 130 (interrupted).
+
+On a machine without CUDA a study runs as several cooperating worker processes (one per core, one
+intra-op thread each; --workers or LXMERT_WORKERS sets how many): two processes with two threads each on
+two cores run about 4x slower than one, while single-threaded workers share the cores fairly. The
+workers are forks made after the data is loaded; they take units of work under locks (lxmert.units),
+so the results are those of one process.
+"""
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
-from pathlib import Path
+import traceback
 
-from .config import ConfigError, describe, load_config
-from .io import InputError
+from .config import describe, load_config
+from .errors import failure
 
 COMMANDS = {
+    "check": "validate the config and its overrides, and do nothing else",
     "generate": "write the embedded benchmark of the config (done automatically by the other commands)",
+    "pretrain": "make the stand-in pretrained encoder of the embedded benchmark (done automatically when needed)",
     "finetune": "dense fine-tune + evaluation + question-only baseline for every seed",
     "lottery": "lottery-ticket study: dense fine-tune, then pruning levels x modes x seeds",
     "debias": "compress-and-debias study: stage 1 / 2 / 3 grid",
     "plots": "redraw plots and tables from the JSON results of the config's experiment",
     "keys": "list every config key with its default and help",
 }
+STUDIES = ("finetune", "lottery", "debias")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lxmert", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lxmert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
     parser.add_argument("--config", help="experiment YAML file (run/configs/*.yaml)")
+    parser.add_argument("--workers", type=int, help="cooperating worker processes of a study (default: the CPU "
+                                                    "cores on a machine without CUDA, else 1; LXMERT_WORKERS)")
     parser.add_argument("overrides", nargs="*", help="single values, e.g. train.epochs=2 seeds=[0,1]")
     args = parser.parse_intermixed_args(argv)
     if args.command == "keys":
@@ -31,14 +46,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.workers is not None and args.workers < 1:
+            from .errors import InputError
+
+            raise InputError(f"--workers {args.workers}: give at least 1")
+        if args.command == "check":
+            print(f"{args.config or 'defaults'}: valid (experiment '{cfg.experiment}')")
+            return 0
         _quiet_transformers()
-        return _run(args.command, cfg)
-    except (ConfigError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
-        return 130
+        _run(args.command, cfg, args.workers)
+        return 0
+    except BaseException as e:  # noqa: B036 - every error becomes its one line and exit code
+        code, line = failure(e)
+        if line is not None:
+            print(line, file=sys.stderr)
+        elif code == 1:
+            traceback.print_exc()
+        return code
 
 
 def _quiet_transformers() -> None:
@@ -48,41 +72,38 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _run(command: str, cfg) -> int:
-    from .training import TrainingDiverged
+def _run(command: str, cfg, workers: int | None) -> None:
+    from .units import configure_workers
 
-    try:
-        if command == "generate":
-            from .data import prepare_embedded
+    if workers is not None:
+        os.environ["LXMERT_WORKERS"] = str(workers)
+    configure_workers(command in STUDIES)
+    if command == "generate":
+        from .data import prepare_embedded
 
-            prepare_embedded(cfg)
-        elif command == "finetune":
-            from .finetune import run_finetune
+        prepare_embedded(cfg)
+    elif command == "pretrain":
+        from .pretrain import run_pretrain
 
-            run_finetune(cfg)
-        elif command == "lottery":
-            from .lottery import run_lottery
+        run_pretrain(cfg)
+    elif command == "finetune":
+        from .finetune import run_finetune
 
-            run_lottery(cfg)
-        elif command == "debias":
-            from .debias import run_debias
+        run_finetune(cfg)
+    elif command == "lottery":
+        from .lottery import run_lottery
 
-            run_debias(cfg)
-        elif command == "plots":
-            from .debias import redraw as redraw_debias
-            from .lottery import redraw
+        run_lottery(cfg)
+    elif command == "debias":
+        from .debias import run_debias
 
-            redraw(cfg)
-            redraw_debias(cfg)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(f"error: {e}", file=sys.stderr)
-            return 4
-        raise
-    return 0
+        run_debias(cfg)
+    elif command == "plots":
+        from .debias import redraw as redraw_debias
+        from .lottery import redraw
+
+        redraw(cfg)
+        redraw_debias(cfg)
 
 
 if __name__ == "__main__":

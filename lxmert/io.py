@@ -19,13 +19,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class InputError(ValueError):
-    """Bad input (file, field or key); the message names it."""
 
 
 def exit_code(action: Callable[[], object]) -> int:

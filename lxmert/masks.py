@@ -75,7 +75,7 @@ def save_mask(path: str | Path, mask: dict[str, torch.Tensor], modalities: dict[
     packed = {k: torch.from_numpy(np.packbits(v.cpu().numpy().ravel())) for k, v in mask.items()}
     meta = {"format": MASK_FORMAT, "shapes": {k: list(v.shape) for k, v in mask.items()},
             "modalities": {k: modalities[k] for k in mask}}
-    save_tensors(path, packed, {"lxmert_mask": json.dumps(meta, sort_keys=True)})
+    save_tensors(path, packed, {"lxmert_mask": json.dumps(meta)})
 
 
 def load_mask(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -31,16 +31,13 @@ from tqdm import tqdm
 from . import distributed as dist
 from .config import Config
 from .data import BatchSampler, VQADataset, loader
+from .errors import TrainingDiverged
 from .evaluation import autocast, evaluate, to_device
 from .io import (InputError, atomic_folder, load_state, load_tensors, read_object, remove_temporaries, remove_tree,
                  save_state, save_tensors, write_json)
 from .masks import MaskEnforcer
 
 log = logging.getLogger("lxmert")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def quiet() -> bool:
@@ -407,6 +404,12 @@ def setup_logging(cfg: Config) -> None:
         _METRICS_PATH = cfg.log_path.with_suffix(".jsonl")
     else:
         logger.setLevel(logging.WARNING)
+
+
+def set_log_prefix(prefix: str) -> None:
+    """Mark this process's log lines (a worker of a study)."""
+    for handler in logging.getLogger("lxmert").handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%Y-%m-%d %H:%M:%S"))
 
 
 def metrics_log(record: dict) -> None:

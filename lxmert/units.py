@@ -21,18 +21,23 @@ grid. Under torchrun, rank 0 takes the locks and chooses; every rank runs the ch
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import distributed as dist
-from .io import FileLock, InputError, read_json, remove_temporaries, write_json
+from .errors import InputError, WorkerFailed, failure
+from .io import FileLock, read_json, remove_temporaries, write_json
 
 log = logging.getLogger("lxmert")
 
 LOCK_NAME = ".lock"
-POLL_SECONDS = 2.0
+POLL_SECONDS = float(os.environ.get("LXMERT_POLL_SECONDS", "1.0"))  # how often a waiting process looks again
 
 
 @dataclass
@@ -143,8 +148,63 @@ def _choose(units: list[Unit], done: set[str], experiment: str) -> tuple[str, Op
 
 
 def run_units(units: list[Unit], experiment: str, poll: float = POLL_SECONDS) -> bool:
-    """Do every unit this process can take; True when all units of the list are finished on disk."""
+    """Do every unit this process (and its workers) can take; True when all units of the list are finished.
+
+    With several workers (LXMERT_WORKERS, see configure_workers) the process forks them here, after
+    its data is loaded: each runs the same loop, and this returns once all of them have stopped."""
     preflight(units, experiment)
+    workers = 1 if dist.active() else worker_count()
+    children = [_fork_worker(units, experiment, poll, i) for i in range(1, workers)]
+    try:
+        _loop(units, experiment, poll)
+    except BaseException:
+        for pid in children:  # their units resume on the next run, like any interrupted unit
+            os.kill(pid, signal.SIGTERM)
+        _wait_all(children)
+        raise
+    codes = _wait_all(children)
+    failed = [c for c in codes if c != 0]
+    if failed:
+        raise WorkerFailed(failed[0])
+    return all(u.finished() for u in units)
+
+
+def _fork_worker(units: list[Unit], experiment: str, poll: float, index: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:  # the worker never returns into the caller: it runs the loop and exits
+        from .training import set_log_prefix
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        set_log_prefix(f"[worker {index}] ")
+        _loop(units, experiment, poll)
+    except BaseException as e:  # noqa: B036 - reported as its one line, like the main process does
+        code, line = failure(e)
+        if line is not None and code != 130:  # an interrupt is reported once, by the main process
+            print(line, file=sys.stderr)
+        elif code == 1:
+            traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait_all(pids: list[int]) -> list[int]:
+    codes = []
+    for pid in pids:
+        while True:
+            try:
+                codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+                break
+            except InterruptedError:
+                continue
+    return codes
+
+
+def _loop(units: list[Unit], experiment: str, poll: float) -> bool:
     done: set[str] = set()
     waited_for: Optional[str] = None
     while True:
@@ -174,6 +234,37 @@ def run_units(units: list[Unit], experiment: str, poll: float = POLL_SECONDS) ->
                 log.info("waiting for units held by other processes (%s%s)", ", ".join(blocked[:3]),
                          ", ..." if len(blocked) > 3 else "")
         time.sleep(poll)
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_count() -> int:
+    """LXMERT_WORKERS, else one worker per core on a machine without CUDA, else 1."""
+    value = os.environ.get("LXMERT_WORKERS")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise InputError(f"LXMERT_WORKERS={value!r}: give a positive number of worker processes")
+        return int(value)
+    import torch
+
+    return 1 if torch.cuda.is_available() or "RANK" in os.environ else cpu_cores()
+
+
+def configure_workers(study: bool) -> None:
+    """Intra-op threads of this process: on CPU the cores divided among the workers (one thread each by
+    default) unless OMP_NUM_THREADS says otherwise. Tokenizers must not use threads across the fork."""
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
+        return
+    workers = worker_count() if study else 1
+    torch.set_num_threads(max(1, cpu_cores() // workers))
 
 
 def once(folder: Path, finished: Callable[[], bool], make: Callable[[], Any], of: Optional[str] = None) -> None:

@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny embedded benchmark per session and a tiny config that points at it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,7 @@ from lxmert.config import Config, EmbeddedConfig, load_config
 # One intra-op thread: the models are tiny, and on 2 shared cores a second OpenMP thread that waits
 # for a busy core made training steps up to 100x slower.
 torch.set_num_threads(1)
+os.environ["LXMERT_WORKERS"] = "1"  # in-process studies run as one process unless a test asks for workers
 
 # Sizes chosen so that every split is small but all question types still occur, and the training
 # split (400) is a multiple of the batch size (32 does not divide it; 40 and 20 do).
@@ -118,7 +120,8 @@ def cli_env() -> dict:
 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(OMP_NUM_THREADS="1", CI="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", CI="1", TOKENIZERS_PARALLELISM="false", LXMERT_WORKERS="1",
+               LXMERT_POLL_SECONDS="0.1")
     return env
 
 

@@ -45,3 +45,28 @@ def test_a_process_started_on_a_finished_study_only_writes_the_tables(lottery_ru
                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert " | epoch " not in proc.stdout
+
+
+def test_workers_of_one_command_share_the_study(lottery_run, embedded_root, tmp_path):
+    """--workers 2 forks a second process after the data is loaded; the tables are those of one process."""
+    reference, _, ref_result = lottery_run
+    config = tiny_yaml(tmp_path / "tiny.yaml", embedded_root, extra=LOTTERY_EXTRA)
+    proc = subprocess.run([sys.executable, "-m", "lxmert", "lottery", "--workers", "2", "--config", str(config)],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[worker 1] " in proc.stdout, "the forked worker took units"
+    assert proc.stdout.count(" | epoch 1/1 ") == 1 + 3 * 2
+    result = json.loads((tmp_path / "result" / "tiny" / "lottery.json").read_text())
+    assert comparable(result["rows"]) == comparable(json.loads(json.dumps(ref_result["rows"])))
+
+
+def test_check_validates_without_work(embedded_root, tmp_path):
+    config = tiny_yaml(tmp_path / "tiny.yaml", embedded_root)
+    ok = subprocess.run([sys.executable, "-m", "lxmert", "check", "--config", str(config)], cwd=tmp_path,
+                        env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "lxmert", "check", "--config", str(config), "train.epochs=abc"],
+                         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {config} + overrides: key 'train.epochs' must be int, got 'abc'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lxmert.config import ModelConfig
+from lxmert.io import InputError
 from lxmert.masks import apply_mask, full_mask, load_mask, measure_mask, measure_weights, save_mask
 from lxmert.modeling import build_model, prunable_tensors
 from lxmert.pruning import MODES, prune

@@ -151,13 +151,13 @@ def test_raw_vqa_v2_and_obj36_tsv_prepare_train_and_evaluate(tmp_path, monkeypat
         assert {"yes/no", "number", "other"} <= set(acc)
         assert all(0.0 <= acc[t] <= 100.0 for t in ("yes/no", "number", "other"))
     assert 0.0 <= seed["blind"]["val"]["overall"] <= 100.0 and "test" not in seed["blind"]
-    assert seed["test"] == {}  # the test split has no answers: predicted, not scored
+    assert seed["tests"] == {}  # the test split has no answers: predicted, not scored
     assert saved["mean"]["blind"]["mean"] == seed["blind"]["val"]["overall"]
 
-    preds = json.loads((tmp_path / "result/real_format/predictions_seed0_val.json").read_text())
+    preds = json.loads((tmp_path / "result/real_format/predictions/seed_0/dense/val.json").read_text())
     assert [p["question_id"] for p in preds] == [q["question_id"] for q in val_questions]
     assert {p["answer"] for p in preds} <= set(KINDS)
-    test_preds = json.loads((tmp_path / "result/real_format/predictions_seed0_test.json").read_text())
+    test_preds = json.loads((tmp_path / "result/real_format/predictions/seed_0/dense/test.json").read_text())
     assert [p["question_id"] for p in test_preds] == [q["question_id"] for q in splits["test2015"][0]["questions"]]
 
     # The official VQA accuracy from the predictions and the ten kept answers is the reported accuracy
