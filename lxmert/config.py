@@ -163,8 +163,10 @@ class LotteryConfig:
     schedule: str = _f("iterative", "'iterative' (IMP: each level from the last) or 'oneshot' (each level "
                        "from the dense model)", lambda v: v in ("iterative", "oneshot"),
                        "one of iterative, oneshot")
-    scope: str = _f("global", "'global' threshold over all prunable weights or 'layer' (each tensor alone)",
-                    lambda v: v in ("global", "layer"), "one of global, layer")
+    scope: str = _f("global", "'global' threshold over all prunable weights, 'layer' (each tensor to the level "
+                    "alone) or 'survivors' (Hashemi et al.'s code: rounds removing 10 % of each tensor's surviving "
+                    "weights until the prunable set reaches the level; overshoots it)",
+                    lambda v: v in ("global", "layer", "survivors"), "one of global, layer, survivors")
     rewind_steps: int = _f(0, "rewind point: 0 = weights before fine-tuning, k = after k dense steps",
                            _non_negative, ">= 0")
     prune_from: str = _f("final", "weights a level is pruned from: 'final' (last epoch) or 'best' (best epoch on "
@@ -200,15 +202,20 @@ class DebiasConfig:
     prunable: list = _f(list(STUDY_B_PRUNABLE), "the masked set of stage 2: glob patterns over Linear and Embedding "
                         "weight names (default: Si et al.'s, word embeddings included)",
                         lambda v: _names(v, allow_empty=False), "a non-empty list of name patterns")
-    stage2_epochs: int = _f(4, "mask-training epochs", _positive, "> 0")
-    stage2_lr: float = _f(5e-5, "learning rate of mask training (scores and QA head); 5e-5 is the paper's for "
-                          "20 epochs of VQA-CP; far larger values flip most masks every step", _positive, "> 0")
-    stage2_batch_size: int = _f(0, "batch size of mask training (0: train.batch_size)", _non_negative, ">= 0")
+    # Stage defaults are the paper's (Si et al., Compress-Robust-VQA bash_files/Stage2/run_mask_train_stage2.sh:
+    # 20 epochs, batch 256, lr 5e-5, no warmup; Stage3/run_vqa_stage3.sh: 20 epochs, batch 64, lr 5e-5, warmup
+    # 34235 steps = 5 of 20 epochs). Stage 1 is the train section (Stage1/run_vqa_stage1.sh: the same as stage 3).
+    stage2_epochs: int = _f(20, "mask-training epochs", _positive, "> 0")
+    stage2_lr: float = _f(5e-5, "learning rate of mask training (scores and QA head); far larger values flip most "
+                          "masks every step", _positive, "> 0")
+    stage2_batch_size: int = _f(256, "batch size of mask training (0: train.batch_size)", _non_negative, ">= 0")
+    stage2_warmup: float = _f(0.0, "warmup fraction of mask training (then linear decay)", _fraction, "in [0, 1)")
     reset_every: int = _f(100, "steps between the per-tensor top-k resets of the scores", _positive, "> 0")
     stage3: bool = _f(True, "also fine-tune each pruned model with its mask fixed")
-    stage3_epochs: int = _f(2, "epochs of stage 3", _positive, "> 0")
-    stage3_lr: float = _f(0.0, "learning rate of stage 3 (0: train.lr)", _non_negative, ">= 0")
-    stage3_batch_size: int = _f(0, "batch size of stage 3 (0: train.batch_size)", _non_negative, ">= 0")
+    stage3_epochs: int = _f(20, "epochs of stage 3", _positive, "> 0")
+    stage3_lr: float = _f(5e-5, "learning rate of stage 3 (0: train.lr)", _non_negative, ">= 0")
+    stage3_batch_size: int = _f(64, "batch size of stage 3 (0: train.batch_size)", _non_negative, ">= 0")
+    stage3_warmup: float = _f(0.25, "warmup fraction of stage 3 (then linear decay)", _fraction, "in [0, 1)")
     controls: bool = _f(True, "same-compute controls: each stage-1 model also trained densely, with the stage-2 "
                         "loss, for as many epochs as stages 2 + 3 add")
     lmh_entropy: float = _f(0.36, "weight of the LMH entropy penalty", _non_negative, ">= 0")
@@ -387,6 +394,9 @@ def _cross_checks(config: Config, source: str) -> None:
     if config.model.hidden_size % config.model.num_attention_heads:
         raise ConfigError(f"{source}: key 'model.hidden_size' ({config.model.hidden_size}) must be a "
                           f"multiple of 'model.num_attention_heads' ({config.model.num_attention_heads})")
+    if config.model.family == "visualbert" and config.debias.modality_sparsities:
+        raise ConfigError(f"{source}: key 'debias.modality_sparsities': VisualBERT is a single-stream model; Si et "
+                          "al. prune it with one sparsity for every module (debias.sparsities)")
     if not config.debias.sparsities and not config.debias.modality_sparsities:
         raise ConfigError(f"{source}: keys 'debias.sparsities' and 'debias.modality_sparsities' are both empty: "
                           "stages 2 and 3 would be skipped")

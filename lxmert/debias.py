@@ -126,8 +126,9 @@ class SeedStudy:
 
     def _stage2_settings(self, s1: str, s2: str) -> dict:
         keys = ["debias.prunable", "debias.stage2_epochs", "debias.stage2_lr", "debias.stage2_batch_size",
-                "debias.reset_every", "debias.stage3", "debias.stage3_epochs", "debias.stage3_lr",
-                "debias.stage3_batch_size", "debias.lmh_entropy", "debias.lpf_gamma"]
+                "debias.stage2_warmup", "debias.reset_every", "debias.stage3", "debias.stage3_epochs",
+                "debias.stage3_lr", "debias.stage3_batch_size", "debias.stage3_warmup", "debias.lmh_entropy",
+                "debias.lpf_gamma"]
         return {**self._stage1_settings(s1), **unit_settings(self.cfg, keys), "stage2_loss": s2}
 
     def _control_settings(self, s1: str, s2: str) -> dict:
@@ -192,7 +193,8 @@ class SeedStudy:
 
         spec = RunSpec(folder=folder / "run", seed=self.seed, loss=loss, epochs=dc.stage2_epochs, lr=dc.stage2_lr,
                        params=trainable, after_step=after_step, before_save=masks.reset_thresholds,
-                       batch_size=dc.stage2_batch_size or None, tag=f"seed {self.seed} {s1}-{s2} {tag} stage 2")
+                       batch_size=dc.stage2_batch_size or None, warmup=dc.stage2_warmup,
+                       tag=f"seed {self.seed} {s1}-{s2} {tag} stage 2")
         train_run(self.ctx, model, spec)
         modalities = {t.name: t.modality for t in prunable_tensors(model, dc.prunable)}
         for weights, out in (("best", "best_pruned.safetensors"), ("final", "pruned.safetensors")):
@@ -213,7 +215,8 @@ class SeedStudy:
                              [t.name for t in prunable_tensors(model, dc.prunable)])
         spec = RunSpec(folder=folder / "run", seed=self.seed, loss=self.ctx.loss(s2, model, self.seed),
                        epochs=dc.stage3_epochs, lr=dc.stage3_lr or self.cfg.train.lr, masks=mask,
-                       batch_size=dc.stage3_batch_size or None, tag=f"seed {self.seed} {s1}-{s2} {tag} stage 3")
+                       batch_size=dc.stage3_batch_size or None, warmup=dc.stage3_warmup,
+                       tag=f"seed {self.seed} {s1}-{s2} {tag} stage 3")
         summary = train_run(self.ctx, model, spec)
         run = folder / "run"
         row = self._row(model, f"{s1}-{s2}", s1, s2, "stage3", target, tag, run / "final" / "model.safetensors",

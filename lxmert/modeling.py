@@ -95,6 +95,7 @@ def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
 
 
 _SAID_RANDOM: set[str] = set()
+_SAID_NO_HEAD: set[str] = set()
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: int) -> VQAModel:
@@ -116,6 +117,13 @@ def _load_pretrained_head(model: VQAModel, path: Path) -> None:
     from .io import load_tensors
 
     if not path.is_file():
+        hub_id = not path.parent.is_dir()
+        if model.family == "lxmert" and hub_id and str(path.parent) not in _SAID_NO_HEAD:
+            _SAID_NO_HEAD.add(str(path.parent))
+            log.warning("the QA head starts random: hub weights %s carry no QA head for these answers. The original "
+                        "study rewinds to LXMERT's pretrained QA head (rows copied by answer string); convert the "
+                        "release model_LXRT.pth with python -m lxmert.convert and set model.pretrained to its "
+                        "output for that rewind point (data/README.md)", path.parent)
         return
     state = {k.removeprefix("head."): v for k, v in load_tensors(path).items()}
     own = model.head.state_dict()
@@ -147,6 +155,8 @@ def _modality(family: str, name: str) -> Optional[str]:
         if name.startswith("encoder.pooler."):
             return "pooler"
         return None
+    if name.startswith("encoder.embeddings.word_embeddings."):
+        return "language"
     if name.startswith("encoder.embeddings.visual_projection."):
         return "vision"
     if name.startswith("encoder.encoder.layer."):

@@ -61,6 +61,7 @@ class RunSpec:
     tag: str = ""  # names the run in logs; with the seed it also seeds the run's RNG (dropout)
     before_save: Optional[Callable[[], None]] = None
     batch_size: Optional[int] = None  # the config's train.batch_size unless a stage sets its own
+    warmup: Optional[float] = None  # the config's train.warmup unless a stage sets its own
 
 
 class _Objective(nn.Module):
@@ -131,7 +132,8 @@ class Trainer:
         self.trained = [p for g in self.optimizer.param_groups for p in g["params"]]
         from transformers import get_linear_schedule_with_warmup
 
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.train.warmup * total), total)
+        warmup = cfg.train.warmup if spec.warmup is None else spec.warmup
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(warmup * total), total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg.train.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.loss_sum, self.loss_count = 0.0, 0

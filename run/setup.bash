@@ -60,8 +60,10 @@ ensure_embedded_pretrained() {
 }
 
 # Runs `python -m lxmert <command> --config $CONFIG "$@"`, on NPROC processes through torchrun when NPROC > 1.
+# The config and every override are checked first (a fraction of a second), before any other work.
 launch() {
   local command="$1"; shift
+  "$PY" -m lxmert check --config "$CONFIG" "$@" >/dev/null || exit $?
   ensure_embedded_pretrained "$CONFIG"
   if [ "${NPROC:-1}" -gt 1 ]; then
     exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m lxmert "$command" --config "$CONFIG" "$@"

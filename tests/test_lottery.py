@@ -211,3 +211,36 @@ def test_grid_keys_extend_the_study(lottery_run, tmp_path, monkeypatch):
         assert set(rows[key]["tests"]) == {"test", "cp_test"}, "the new test split is evaluated"
     assert (work / "result/tiny/predictions/seed_0/dense/cp_test.json").exists()
     training._METRICS_PATH = None
+
+
+def test_original_protocol_preset_on_the_tiny_study(embedded_root, tmp_path, monkeypatch):
+    """run/configs/vqa_v2_original.yaml's lottery keys: one-shot from the best checkpoint, rounds of 10 % of
+    each tensor's survivors (overshooting the level), the original's prunable set with the QA head."""
+    from conftest import REPO, tiny_config
+    from lxmert.config import load_config
+
+    original = load_config(REPO / "run/configs/vqa_v2_original.yaml").lottery
+    patterns = "[" + ",".join(original.prunable) + "]"
+    cfg = tiny_config(embedded_root, experiment="original", epochs=2, extra=[
+        "lottery.modes=[low_magnitude,high_magnitude]", "lottery.levels=[0.2,0.5]",
+        f"lottery.schedule={original.schedule}", f"lottery.scope={original.scope}",
+        f"lottery.prune_from={original.prune_from}", f"lottery.prunable={patterns}"])
+    monkeypatch.chdir(tmp_path)
+    result = lottery.run_lottery(cfg)
+    rows = {(r["mode"], r["target_sparsity"]): r for r in result["rows"]}
+    assert abs(rows[("low_magnitude", 0.2)]["measured_sparsity"] - 0.271) < 0.005, "three rounds of 10 %"
+    assert abs(rows[("low_magnitude", 0.5)]["measured_sparsity"] - 0.522) < 0.005, "seven rounds of 10 %"
+    assert all(r["parent"] is None for r in result["rows"]), "every level from the dense model"
+    mask, modalities = load_mask(tmp_path / "models/original/seed_0/oneshot_survivors/low_magnitude/level_20/"
+                                 "mask.safetensors")
+    assert "encoder.encoder.visn_fc.visn_fc.weight" in mask and "encoder.encoder.visn_fc.box_fc.weight" not in mask
+    assert {"head.0.weight", "head.3.weight"} <= set(mask) and "head" in modalities.values()
+    from lxmert.data import load_data
+
+    data = load_data(cfg, log=lambda _: None)
+    model = build_model(cfg.model, len(data.tokenizer), 16, data.num_answers)
+    model.load_state_dict(load_tensors(tmp_path / "models/original/seed_0/dense/run/best/model.safetensors"))
+    prunable = prunable_tensors(model, original.prunable)
+    expected = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.2, "survivors")
+    assert all(torch.equal(mask[k], expected[k]) for k in expected), "pruned from the best checkpoint"
+    training._METRICS_PATH = None

@@ -203,3 +203,21 @@ def test_measured_sparsity_comes_from_the_weights(tiny):
         with torch.no_grad():
             for t, w in zip(prunable, saved):
                 model.get_parameter(t.name).copy_(w)
+
+
+def test_survivor_rounds_follow_the_original_and_overshoot(tiny):
+    """Hashemi et al.'s rounds of 10 % of each tensor's survivors: 20 % becomes 1 - 0.9^3 = 27.1 %."""
+    from lxmert.pruning import survivor_counts
+
+    assert survivor_counts([1000], [0], 0.2) == [271]  # 100, 90, 81
+    assert survivor_counts([1000, 10], [0, 0], 0.1) == [100, 1]
+    model, prunable = tiny
+    mask = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.2, "survivors")
+    sizes = [model.get_parameter(t.name).numel() for t in prunable]
+    expected = survivor_counts(sizes, [0] * len(sizes), 0.2)
+    assert [int((~mask[t.name]).sum()) for t in prunable] == expected
+    assert abs(sum(expected) / sum(sizes) - 0.271) < 0.005, "three rounds: 1 - 0.9^3"
+    layer = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.2, "layer")
+    assert sum(int((~m).sum()) for m in mask.values()) > sum(int((~m).sum()) for m in layer.values())
+    high = prune("high_magnitude", model, prunable, full_mask(model, prunable), 0.2, "survivors")
+    assert {k: int((~v).sum()) for k, v in high.items()} == {k: int((~v).sum()) for k, v in mask.items()}
