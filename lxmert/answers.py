@@ -15,70 +15,93 @@ from typing import Iterable, Sequence
 from .io import InputError, read_json, write_json
 
 
-# Characters that are deleted or turned into spaces; "." and "'" are handled separately (decimals,
-# contractions), and characters outside this set (":", "%", "$", "#", "&", ...) are kept.
-_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+# The official VQA evaluation's normalisation (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py,
+# VQAEval.__init__, processPunctuation, processDigitArticle), followed exactly, quirks included.
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# vqaEval.py's periodStrip is "(?!<=\d)(\.)(?!\d)" (a lookahead that is always true, then: a period not followed
+# by a digit) and is applied with sub("", text, re.UNICODE): re.UNICODE lands in `count`, so at most 32 periods
+# are removed. Both kept as they are.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_PERIOD_COUNT = int(re.UNICODE)
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = frozenset({"a", "an", "the"})
-# Apostrophe-less spellings that annotators type, mapped back to the contraction. Words that are
-# also ordinary words without the apostrophe ("its", "well", "were", "ill", "id", "lets") are left alone,
-# and so are "im" and "ive": the official list spells them capitalised, so they never match there either.
+# vqaEval.py's contraction table, all 120 entries (applied after lower-casing, so the capitalised keys
+# never match; "somebody'd" really maps to "somebodyd" there).
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
-    "couldntve": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll",
-    "hows": "how's", "isnt": "isn't", "itd": "it'd", "itll": "it'll",
-    "maam": "ma'am", "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "oclock": "o'clock", "oughtnt": "oughtn't", "shant": "shan't",
-    "shouldnt": "shouldn't", "shouldve": "should've", "somebodys": "somebody's", "someones": "someone's",
-    "thats": "that's", "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "wasnt": "wasn't", "werent": "weren't", "weve": "we've", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whens": "when's", "whered": "where'd", "wheres": "where's",
-    "whod": "who'd", "wholl": "who'll", "whos": "who's", "whove": "who've", "whys": "why's", "wont": "won't",
-    "wouldnt": "wouldn't", "wouldve": "would've", "yall": "y'all", "youd": "you'd", "youll": "you'll",
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
+    "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
+    "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've",
+    "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
     "youre": "you're", "youve": "you've",
 }
 
 
-def _punctuation(text: str) -> str:
-    """A punctuation mark touching a space (or any mark in a text with a digit-comma-digit number
-    like 1,000) is deleted, so "1,000" stays one number; otherwise it becomes a space, so "black-white"
-    becomes two words. A period is deleted unless a digit follows, which keeps decimals like 2.5."""
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+def process_punctuation(text: str) -> str:
+    """vqaEval.py processPunctuation: a mark next to a space (or any mark in a text holding a digit-comma-digit
+    number) is deleted, otherwise it becomes a space; then up to 32 periods not followed by a digit go."""
+    delete_all = _COMMA_STRIP.search(text) is not None
     out = text
     for p in _PUNCTUATION:
-        if delete_all or f"{p} " in text or f" {p}" in text:
+        if (p + " " in text or " " + p in text) or delete_all:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    return _PERIOD_STRIP.sub("", out, _PERIOD_COUNT)
 
 
-def _words(text: str) -> str:
-    """Lower-case, number words to digits, articles dropped, contractions restored."""
+def process_digit_article(text: str) -> str:
+    """vqaEval.py processDigitArticle: lower-case, number words to digits, articles dropped, contractions."""
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+def strip_answer(text: str) -> str:
+    """What vqaEval.py does to every answer first: newlines and tabs to spaces, outer whitespace removed."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def normalize_answer(answer: str) -> str:
-    """The official VQA answer normalisation (whitespace, punctuation, number words, articles,
-    contractions), applied to both predictions and the ten human answers before matching."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _words(_punctuation(text))
+    """The official normalisation of one answer (strip, punctuation, number words, articles, contractions): the
+    form soft labels are counted in."""
+    return process_digit_article(process_punctuation(strip_answer(answer)))
 
 
 def official_accuracy(pred: str, answers: Sequence[str]) -> float:
-    """The official VQA accuracy of one prediction: min(1, matches / 3) averaged over the subsets
-    that leave out one annotator each (for ten answers: 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >= 4
-    matches). Both sides are normalised first."""
+    """The official VQA accuracy of one prediction against the human answers, as vqaEval.py evaluate() computes
+    it: every answer is stripped; only when the answers are not all identical are they and the prediction
+    normalised; then min(1, matches / 3) is averaged over the leave-one-annotator-out subsets."""
     if not answers:
         raise ValueError("official_accuracy needs at least one human answer")
-    pred = normalize_answer(pred)
-    hits = [normalize_answer(a) == pred for a in answers]
+    gts = [strip_answer(a) for a in answers]
+    res = strip_answer(pred)
+    if len(set(gts)) > 1:
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        res = process_digit_article(process_punctuation(res))
+    hits = [g == res for g in gts]
     total = sum(hits)
     return sum(min(1.0, (total - h) / 3) for h in hits) / len(hits)
 

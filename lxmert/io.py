@@ -27,12 +27,19 @@ os.umask(_UMASK)
 
 
 def exit_code(action: Callable[[], object]) -> int:
-    """Run a command-line action: 0, or one `error:` line on stderr and 2 for bad input."""
+    """Run a command-line action: 0, or one `error:` line on stderr with the project's exit codes (2 bad
+    input, 4 disk full, 130 interrupted; a traceback and 1 for anything else)."""
+    from .errors import failure
+
     try:
         action()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except BaseException as e:  # noqa: B036 - every error becomes its one line and exit code
+        code, line = failure(e)
+        if line is not None:
+            print(line, file=sys.stderr)
+        elif code == 1:
+            raise
+        return code
     return 0
 
 

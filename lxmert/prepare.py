@@ -16,6 +16,7 @@ import argparse
 import base64
 import binascii
 import csv
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +24,9 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .answers import AnswerVocab, normalize_answer, soft_label
-from .features import StoreWriter
-from .io import InputError, atomic_folder, exit_code, read_json, refuse_existing, write_json
+from .answers import AnswerVocab, normalize_answer, soft_label, strip_answer
+from .features import StoreWriter, coco_id_name, refresh_fingerprint
+from .io import InputError, atomic_folder, exit_code, read_json, refuse_existing, remove_temporaries, write_json
 
 COCO_SPLITS = ("train2014", "val2014", "test2015")
 # VQA v2's test-dev questions name their subset, but their images are test2015 images.
@@ -78,8 +79,9 @@ class Entry:
     sent: str
     question_type: Optional[str] = None
     answer_type: Optional[str] = None
-    answers: Optional[list[str]] = None
+    answers: Optional[list[str]] = None      # normalised: what soft labels are counted on
     mc_answer: Optional[str] = None
+    raw_answers: Optional[list[str]] = None  # as annotated (stripped): what the official accuracy reads
 
     def record(self, vocab: AnswerVocab) -> dict:
         """LXMERT's question format; like LXMERT's files the label keeps in-vocabulary answers only."""
@@ -90,9 +92,55 @@ class Entry:
                 "question_id": self.question_id, "question_type": self.question_type, "sent": self.sent}
 
 
+def _zipped(path: Path) -> Optional[tuple[Path, str]]:
+    """Where a raw file not extracted yet sits inside a release zip, as published: 'X.json' in 'X.json.zip'
+    (VQA-VS Training/Training-Ques.json.zip) or 'Dir/.../X.json' in 'Dir.zip' (Val.zip, IID-Test.zip,
+    OOD-Test.zip). Members under __MACOSX/ (the release's macOS leftovers) are never used."""
+    import zipfile
+
+    candidates = [(Path(str(path) + ".zip"), path.name)]
+    for ancestor in path.parents:
+        if ancestor == ancestor.parent:
+            break
+        candidates.append((ancestor.with_name(ancestor.name + ".zip"), str(path.relative_to(ancestor.parent))))
+    for archive, tail in candidates:
+        if not archive.is_file():
+            continue
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                members = [m for m in zf.namelist() if not m.startswith("__MACOSX/") and
+                           (m == tail or m.endswith("/" + tail) or m.endswith("/" + path.name) or m == path.name)]
+        except zipfile.BadZipFile:
+            raise InputError(f"{archive}: not a zip archive (a Git LFS pointer or a partial download?); "
+                             f"download it again") from None
+        if members:
+            return archive, min(members, key=len)
+    return None
+
+
+def raw_exists(path: Path) -> bool:
+    return Path(path).exists() or _zipped(Path(path)) is not None
+
+
+def read_raw(path: Path, what: str):
+    """A raw JSON file, extracted or still inside its release zip."""
+    import json
+    import zipfile
+
+    path = Path(path)
+    if path.exists() or (found := _zipped(path)) is None:
+        return read_json(path, what)
+    archive, member = found
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{archive}::{member}: malformed JSON ({e})") from None
+
+
 def _items(path: Path, key: str, what: str) -> tuple[list, dict]:
     """The list of a raw file: VQA v2 wraps it in {"<key>": [...]} with a header, VQA-CP and VQA-VS don't."""
-    data = read_json(path, what)
+    data = read_raw(path, what)
     header: dict = {}
     if isinstance(data, dict):
         if key not in data:
@@ -116,10 +164,15 @@ def load_questions(path: Path) -> tuple[list[dict], Optional[str]]:
     questions, header = _items(path, "questions", "questions file")
     for i, q in enumerate(questions):
         _check_fields(q, i, QUESTION_FIELDS, path, "question")
+        if not isinstance(q["question"], str):
+            raise InputError(f"{path}: question #{i} field 'question' must be a string, got {q['question']!r:.40}")
+        for key in ("image_id", "question_id"):
+            if isinstance(q[key], bool) or not isinstance(q[key], int):
+                raise InputError(f"{path}: question #{i} field '{key}' must be an integer, got {q[key]!r:.40}")
     return questions, header.get("data_subtype")
 
 
-def _normalised_answers(ann: dict, i: int, path: Path) -> list[str]:
+def _raw_answers(ann: dict, i: int, path: Path) -> list[str]:
     answers = ann["answers"]
     if not isinstance(answers, list) or not answers:
         raise InputError(f"{path}: annotation #{i} field 'answers' must be a non-empty list")
@@ -128,20 +181,26 @@ def _normalised_answers(ann: dict, i: int, path: Path) -> list[str]:
         if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
             raise InputError(f"{path}: annotation #{i} (question_id {ann['question_id']}) field 'answers' "
                              f"holds an item without a string 'answer'")
-        out.append(normalize_answer(a["answer"]))
+        out.append(strip_answer(a["answer"]))
     return out
 
 
 def load_annotations(path: Path) -> dict[int, dict]:
-    """Annotations by question id, with `answers` replaced by the normalised answer strings."""
+    """Annotations by question id: `raw_answers` as annotated (stripped, as the official evaluation reads
+    them), `answers` and `multiple_choice_answer` normalised (what soft labels and the vocabulary count)."""
     annotations, _ = _items(path, "annotations", "annotations file")
     out: dict[int, dict] = {}
     for i, ann in enumerate(annotations):
         _check_fields(ann, i, ANNOTATION_FIELDS, path, "annotation")
         if ann["question_id"] in out:
             raise InputError(f"{path}: annotation #{i} repeats question_id {ann['question_id']}")
-        out[ann["question_id"]] = {**ann, "answers": _normalised_answers(ann, i, path),
-                                   "multiple_choice_answer": normalize_answer(str(ann["multiple_choice_answer"]))}
+        for key in ("multiple_choice_answer", "question_type", "answer_type"):
+            if not isinstance(ann[key], str):
+                raise InputError(f"{path}: annotation #{i} (question_id {ann['question_id']}) field '{key}' must be "
+                                 f"a string, got {ann[key]!r:.40}")
+        raw = _raw_answers(ann, i, path)
+        out[ann["question_id"]] = {**ann, "raw_answers": raw, "answers": [normalize_answer(a) for a in raw],
+                                   "multiple_choice_answer": normalize_answer(ann["multiple_choice_answer"])}
     return out
 
 
@@ -181,12 +240,14 @@ class ImageNamer:
         if coco not in COCO_SPLITS:
             raise InputError(f"{where}: COCO split '{coco}' is not one of {', '.join(COCO_SPLITS)}")
         name = coco_img_id(coco, q["image_id"])
+        if self.store_ids is not None and name not in self.store_ids and coco_id_name(q["image_id"]) in self.store_ids:
+            return name  # a store of the six-field TSV names the image without its split; FeatureStore finds it
         if self.store_ids is not None and name not in self.store_ids:
             raise InputError(f"{where}: image '{name}' is not in the feature store {self.store}")
         return name
 
     def _from_store(self, q: dict, where: str) -> str:
-        names = [coco_img_id(c, q["image_id"]) for c in COCO_SPLITS]
+        names = [coco_img_id(c, q["image_id"]) for c in COCO_SPLITS] + [coco_id_name(q["image_id"])]
         found = [n for n in names if n in self.store_ids]
         if len(found) != 1:
             raise InputError(f"{where}: image_id {q['image_id']} matches {len(found)} images of the feature "
@@ -223,7 +284,8 @@ def _attach(entry: Entry, ann: Optional[dict], raw: RawSplit, i: int) -> None:
         raise InputError(f"{raw.annotations}: question_id {entry.question_id} has image_id {ann['image_id']}, "
                          f"the questions file says {entry.image_id}")
     entry.question_type, entry.answer_type = ann["question_type"], ann["answer_type"]
-    entry.answers, entry.mc_answer = ann["answers"], ann["multiple_choice_answer"]
+    entry.answers, entry.mc_answer, entry.raw_answers = ann["answers"], ann["multiple_choice_answer"], \
+        ann["raw_answers"]
 
 
 def carve_split(entries: list[Entry], fraction: float, seed: int, what: str) -> tuple[list[Entry], list[Entry]]:
@@ -257,8 +319,8 @@ def build_vocab(splits: dict[str, list[Entry]], vocab_from: Sequence[str], min_c
 def _write(out: Path, splits: dict[str, list[Entry]], vocab: AnswerVocab, meta: dict) -> None:
     for name, entries in splits.items():
         write_json(out / f"{name}.json", [e.record(vocab) for e in entries], indent=None)
-        if entries[0].answers is not None:
-            write_json(out / f"{name}_answers.json", {str(e.question_id): e.answers for e in entries}, indent=None)
+        if entries[0].answers is not None:  # the human answers as the official evaluation reads them
+            write_json(out / f"{name}_answers.json", {str(e.question_id): e.raw_answers for e in entries}, indent=None)
     vocab.save(out)
     write_json(out / "prepare.json", meta)
 
@@ -289,23 +351,32 @@ def prepare_questions(raw: dict[str, RawSplit], out: str | Path, vocab_from: Seq
     return meta
 
 
+VQAVS_SOURCE = ("the VQA-VS release: bash data/download.bash vqa_vs (https://github.com/PhoebusSi/VQA-VS, folder "
+                "data/, or its Google Drive folder), extracted as published")
+
+
 def vqavs_layout(raw: str | Path) -> dict[str, RawSplit]:
-    """Where the VQA-VS release's files sit once unzipped under `raw` (data/README.md)."""
+    """Where the VQA-VS release's files are once its zips are extracted in `raw`, as published
+    (PhoebusSi/VQA-VS data/: Training/Training-{Ques,Ans}.json.zip, Val.zip, IID-Test.zip, OOD-Test.zip; the
+    authors' own scorer reads OOD-Test/<T>/OOD-Test-<T>-Ques.json, comput_score.py lines 78-94)."""
     raw = Path(raw)
     layout = {"train": RawSplit(raw / "Training/Training-Ques.json", raw / "Training/Training-Ans.json"),
               "val": RawSplit(raw / "Val/Val-Ques.json", raw / "Val/Val-Ans.json"),
               "test_iid": RawSplit(raw / "IID-Test/IID-Test-Ques.json", raw / "IID-Test/IID-Test-Ans.json")}
     for name, tag in VQAVS_OOD.items():
-        folder = raw / "OOD-Test" / f"OOD-{tag}-Test"
-        layout[name] = RawSplit(folder / f"OOD-{tag}-Test-Ques.json", folder / f"OOD-{tag}-Test-Ans.json")
+        folder = raw / "OOD-Test" / tag
+        answers = folder / f"OOD-Test-{tag}-Ans.json"
+        # the OOD sets are subsets of the IID test: without an answer file of their own, its answers serve
+        layout[name] = RawSplit(folder / f"OOD-Test-{tag}-Ques.json",
+                                answers if raw_exists(answers) else layout["test_iid"].annotations)
     return layout
 
 
 def _check_exist(raw: dict[str, RawSplit], hint: str) -> None:
     for name, files in raw.items():
         for path in (files.questions, files.annotations):
-            if path is not None and not Path(path).exists():
-                raise InputError(f"split '{name}': file not found: {path}; {hint}")
+            if path is not None and not raw_exists(Path(path)):
+                raise InputError(f"split '{name}': file not found: {path} (nor in a release zip beside it); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,12 +399,14 @@ def _count_records(path: Path) -> int:
     except FileNotFoundError:
         raise InputError(f"feature file not found: {path}; LXMERT's *_obj36.tsv files go in "
                          f"data/raw/mscoco_imgfeat/ (see data/README.md)") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a folder; give the .tsv files themselves") from None
 
 
 def _tsv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of every non-blank line, one line in memory at a time."""
     csv.field_size_limit(2**31 - 1)
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             for row in reader:
@@ -341,11 +414,40 @@ def _tsv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                     yield reader.line_num, row
         except csv.Error as e:
             raise InputError(f"{path}, line {reader.line_num}: unreadable TSV ({e})") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}, after line {reader.line_num}: not a text TSV (bytes that are not UTF-8); "
+                             f"is it the unzipped .tsv?") from None
 
 
-def _decode(row: list[str], name: str, dtype: str, where: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Layout:
+    """A bottom-up-attention TSV layout: its fields, and the names of the id, height and width fields."""
+
+    name: str
+    fields: tuple[str, ...]
+    id_field: str
+    h_field: str
+    w_field: str
+
+    def index(self, name: str) -> int:
+        return self.fields.index(name)
+
+
+# LXMERT's *_obj36.tsv (airsplay/lxmert src/utils.py FIELDNAMES) and the original bottom-up-attention
+# trainval_36 TSV (peteanderson80/bottom-up-attention tools/generate_tsv.py line 34, read by the VQA-CP / VQA-VS
+# debiasing code): told apart by their number of fields.
+OBJ36 = Layout("LXMERT *_obj36.tsv", TSV_FIELDS, "img_id", "img_h", "img_w")
+TRAINVAL36 = Layout("bottom-up-attention trainval_36", ("image_id", "image_w", "image_h", "num_boxes", "boxes",
+                                                        "features"), "image_id", "image_h", "image_w")
+LAYOUTS = {len(layout.fields): layout for layout in (OBJ36, TRAINVAL36)}
+# Boxes may reach this share of the image size beyond its edges (detector boxes are clipped to the image).
+BOX_TOLERANCE = 0.01
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _decode(row: list[str], layout: Layout, name: str, dtype: str, where: str) -> np.ndarray:
     try:
-        buf = base64.b64decode(row[_TSV_INDEX[name]], validate=True)
+        buf = base64.b64decode(row[layout.index(name)], validate=True)
     except (binascii.Error, ValueError) as e:
         raise InputError(f"{where}: field '{name}' is not valid base64 ({e}); truncated line?") from None
     if len(buf) % np.dtype(dtype).itemsize:
@@ -353,33 +455,67 @@ def _decode(row: list[str], name: str, dtype: str, where: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)  # no copy on LE
 
 
-def _number(row: list[str], name: str, kind: type, where: str) -> float:
+def _number(row: list[str], layout: Layout, name: str, kind: type, where: str) -> float:
+    raw = row[layout.index(name)]
     try:
-        value = kind(row[_TSV_INDEX[name]])
+        value = kind(raw)
     except ValueError:
-        raise InputError(f"{where}: field '{name}' = {row[_TSV_INDEX[name]][:40]!r} is not a number") from None
-    if value <= 0:
-        raise InputError(f"{where}: field '{name}' = {value} must be positive")
+        raise InputError(f"{where}: field '{name}' = {raw[:40]!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{where}: field '{name}' = {raw[:40]} must be a positive finite number")
     return value
 
 
+def _image_id(row: list[str], layout: Layout, where: str) -> str:
+    """The store key: LXMERT's names as they are (COCO_val2014_000000000042); the integer COCO ids of the
+    six-field TSV as COCO_000000000042, which FeatureStore finds for COCO_<split>_000000000042 too, so
+    one store serves question files of either naming."""
+    raw = row[layout.index(layout.id_field)]
+    if layout is OBJ36:
+        return raw
+    if not raw.isdigit():
+        raise InputError(f"{where}: field 'image_id' = {raw[:40]!r} is not an integer COCO image id")
+    return coco_id_name(int(raw))
+
+
+def _check_values(img_id: str, feats: np.ndarray, boxes: np.ndarray, size: tuple[float, float], where: str) -> None:
+    for name, arr in (("features", feats), ("boxes", boxes)):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise InputError(f"{where}: image '{img_id}' field '{name}' holds {arr[bad][0]} (NaN or infinite values "
+                             f"are never stored)")
+    h, w = size
+    limit = np.array([w, h, w, h], np.float32)
+    outside = (boxes < -BOX_TOLERANCE * limit) | (boxes > (1 + BOX_TOLERANCE) * limit)
+    if outside.any():
+        r, c = np.argwhere(outside)[0]
+        raise InputError(f"{where}: image '{img_id}' box {r} coordinate {boxes[r, c]:g} lies outside the "
+                         f"{w:g} x {h:g} image (boxes are pixel x1, y1, x2, y2)")
+
+
 def parse_record(row: list[str], where: str, feat_dim: Optional[int] = None) -> tuple[str, np.ndarray, np.ndarray]:
-    """One TSV line -> (image id, features [R, D] float32, boxes [R, 4] divided by image width/height)."""
-    if len(row) != len(TSV_FIELDS):
-        raise InputError(f"{where}: {len(row)} tab-separated fields, expected {len(TSV_FIELDS)} "
-                         f"({', '.join(TSV_FIELDS)}); truncated line?")
-    n = int(_number(row, "num_boxes", int, where))
-    img_h, img_w = _number(row, "img_h", float, where), _number(row, "img_w", float, where)
-    boxes = _decode(row, "boxes", "float32", where)
+    """One TSV line of either layout -> (store image id, features [R, D] float32, boxes [R, 4] divided by
+    image width/height); refused when a value is not finite or a box lies outside the image."""
+    layout = LAYOUTS.get(len(row))
+    if layout is None:
+        raise InputError(f"{where}: {len(row)} tab-separated fields; expected "
+                         + " or ".join(f"{len(x.fields)} ({x.name}: {', '.join(x.fields)})" for x in LAYOUTS.values())
+                         + "; truncated line?")
+    img_id = _image_id(row, layout, where)
+    n = int(_number(row, layout, "num_boxes", int, where))
+    img_h, img_w = _number(row, layout, layout.h_field, float, where), _number(row, layout, layout.w_field, float, where)
+    boxes = _decode(row, layout, "boxes", "float32", where)
     if boxes.size != n * 4:
         raise InputError(f"{where}: field 'boxes' holds {boxes.size} values, expected num_boxes x 4 = {n * 4}")
-    feats = _decode(row, "features", "float32", where)
+    feats = _decode(row, layout, "features", "float32", where)
     dim = feat_dim if feat_dim is not None else feats.size // n
     if feats.size != n * dim or dim == 0:
         raise InputError(f"{where}: field 'features' holds {feats.size} values, expected num_boxes x feat_dim "
                          f"= {n} x {dim}")
-    boxes = boxes.reshape(n, 4) / np.array([img_w, img_h, img_w, img_h], np.float32)
-    return row[0], feats.reshape(n, dim), boxes.astype(np.float32, copy=False)
+    boxes, feats = boxes.reshape(n, 4), feats.reshape(n, dim)
+    _check_values(img_id, feats, boxes, (img_h, img_w), where)
+    boxes = boxes / np.array([img_w, img_h, img_w, img_h], np.float32)
+    return img_id, feats, boxes.astype(np.float32, copy=False)
 
 
 def _first_shape(paths: Sequence[Path]) -> _Shape:
@@ -394,6 +530,11 @@ def _fill(writer: StoreWriter, path: Path, shape: _Shape, log: Log) -> None:
     for line, row in _tsv_rows(path):
         where = f"{path}, line {line}"
         img_id, feats, boxes = parse_record(row, where, shape.feat_dim)
+        if writer.dtype == "float16":
+            big = np.abs(feats) > FLOAT16_MAX
+            if big.any():
+                raise InputError(f"{where}: image '{img_id}' has the feature value {feats[big][0]:g}, beyond float16's "
+                                 f"range (+-{FLOAT16_MAX:g}); use --dtype float32")
         if feats.shape[0] != shape.num_boxes:
             raise InputError(f"{where}: field 'num_boxes' = {feats.shape[0]}, the store holds {shape.num_boxes} "
                              f"boxes per image (set by the first record)")
@@ -412,6 +553,9 @@ def prepare_features(tsv_files: Sequence[str | Path], out: str | Path, dtype: st
     line at a time into memory maps, so the 17 GB files never sit in RAM."""
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype: '{dtype}' is not float32 or float16")
+    out = Path(out)
+    for stale in remove_temporaries(out.parent, of=out.name):  # a killed or failed earlier run's store
+        log(f"removed {stale}, left by an interrupted run")
     refuse_existing(out, overwrite)  # before reading the (17 GB) files, not after
     paths = [Path(p) for p in tsv_files]
     total = sum(_count_records(p) for p in paths)
@@ -426,6 +570,26 @@ def prepare_features(tsv_files: Sequence[str | Path], out: str | Path, dtype: st
         writer.close()
     log(f"feature store -> {out}")
     return {"num_images": total, "num_boxes": shape.num_boxes, "feat_dim": shape.feat_dim, "dtype": dtype}
+
+
+def prepare_tokenizer(question_files: Sequence[str | Path], out: str | Path, log: Log = _stderr) -> Path:
+    """A word-level BERT vocabulary of the questions' words, saved as a transformers BertTokenizer that
+    from_pretrained(out) reads back (the embedded benchmark makes its own the same way). In transformers 5,
+    BertTokenizerFast(vocab_file=...) silently ignores the file and maps every word to [UNK]."""
+    from .benchmark import write_vocab_tokenizer
+
+    sentences = []
+    for path in map(Path, question_files):
+        questions = read_json(path, "question file")
+        if not isinstance(questions, list) or not all(isinstance(q, dict) and isinstance(q.get("sent"), str)
+                                                      for q in questions):
+            raise InputError(f"{path}: expected prepared questions (a list of objects with a string 'sent')")
+        sentences += [q["sent"] for q in questions]
+    out = Path(out)
+    with atomic_folder(out, overwrite=True) as tmp:
+        write_vocab_tokenizer(tmp, sentences)
+    log(f"tokenizer of {len(sentences)} questions -> {out} (model.tokenizer: {out})")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,10 +646,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_question_options(vs)
     vs.add_argument("--raw", default="data/raw/vqa_vs", help="folder of the unzipped release (data/README.md)")
     feats = sub.add_parser("features", help="bottom-up-attention TSV files -> one feature store")
-    feats.add_argument("tsv", nargs="+", help="*_obj36.tsv files")
+    feats.add_argument("tsv", nargs="+", help="LXMERT's *_obj36.tsv files (ten fields) or the bottom-up-attention "
+                                              "trainval_36 TSV (six fields); told apart by their field count")
     feats.add_argument("--out", required=True, help="feature store folder (created whole at the end)")
     feats.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored feature type")
     feats.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    tok = sub.add_parser("tokenizer", help="a word-level BERT tokenizer of the questions of prepared question files")
+    tok.add_argument("questions", nargs="+", help="prepared question files (<split>.json)")
+    tok.add_argument("--out", required=True, help="tokenizer folder (model.tokenizer)")
+    fp = sub.add_parser("fingerprint", help="record (again) the fingerprint of a feature store")
+    fp.add_argument("store", help="feature store folder")
     return parser
 
 
@@ -505,7 +675,7 @@ def _run_vqa(args: argparse.Namespace) -> None:
 
 def _run_vqavs(args: argparse.Namespace) -> None:
     raw = {**vqavs_layout(args.raw), **_raw_splits(args.split)}
-    _check_exist(raw, "unzip the VQA-VS release there (data/README.md) or pass --split NAME QUESTIONS ANNOTATIONS")
+    _check_exist(raw, f"get {VQAVS_SOURCE} into {args.raw}, or pass --split NAME QUESTIONS ANNOTATIONS")
     namer = ImageNamer(_coco_splits(args.coco_split), Path(args.features) if args.features else None)
     prepare_questions(raw, args.out, ["train"], args.min_count, Path(args.vocab) if args.vocab else None,
                       None, namer)
@@ -514,7 +684,9 @@ def _run_vqavs(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     run = {"vqa": lambda: _run_vqa(args), "vqavs": lambda: _run_vqavs(args),
-           "features": lambda: prepare_features(args.tsv, args.out, args.dtype, args.overwrite)}
+           "features": lambda: prepare_features(args.tsv, args.out, args.dtype, args.overwrite),
+           "tokenizer": lambda: prepare_tokenizer(args.questions, args.out),
+           "fingerprint": lambda: _stderr(f"{args.store}: fingerprint {refresh_fingerprint(args.store)['sample_sha256']}")}
     return exit_code(run[args.command])
 
 

@@ -40,10 +40,23 @@ def test_normalize_answer(raw, expected):
 def test_official_accuracy_leave_one_out_values():
     # n matching annotators of 10: (n * min(1, (n-1)/3) + (10-n) * min(1, n/3)) / 10
     others = ["cat"] * 10
-    for n, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
+    for n, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (9, 1.0)]:
         answers = ["2"] * n + others[n:]
         assert official_accuracy("two", answers) == pytest.approx(expected)
         assert soft_score(n) == pytest.approx(expected)
+    assert official_accuracy("2", ["2"] * 10) == 1.0
+
+
+def test_official_accuracy_keeps_vqa_eval_quirks():
+    """vqaEval.py normalises only when the ten answers are not all the same, and its period rule removes at
+    most 32 periods (re.UNICODE lands in re.sub's count argument)."""
+    assert official_accuracy("two", ["2"] * 10) == 0.0, "identical answers: the prediction is only stripped"
+    assert official_accuracy("Yes", ["yes"] * 10) == 0.0
+    assert official_accuracy(" yes\n", ["yes"] * 10) == 1.0
+    assert official_accuracy("Yes", ["yes"] * 9 + ["no"]) == 1.0
+    from lxmert.answers import process_punctuation
+
+    assert process_punctuation("." * 40) == "." * 8
 
 
 def test_official_accuracy_normalises_both_sides():

@@ -71,16 +71,51 @@ def test_tsv_float16_store(tmp_path):
     np.testing.assert_array_equal(store.get(0)[0], feats.astype(np.float16).astype(np.float32))
 
 
+def _six_fields(image_id: int, h: float, w: float, boxes: np.ndarray, feats: np.ndarray) -> list[str]:
+    """A line of the bottom-up-attention trainval_36 TSV (peteanderson80/bottom-up-attention tools/generate_tsv.py:
+    FIELDNAMES = ['image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features'], float32 base64)."""
+    return [str(image_id), str(w), str(h), str(len(boxes)), _b64(boxes.astype("<f4")), _b64(feats.astype("<f4"))]
+
+
+def test_six_field_trainval_36_tsv_gives_the_same_store(tmp_path):
+    """The same images as the ten-field obj36 TSV and the six-field trainval_36 TSV give the same arrays; the
+    six-field store names images by COCO id and serves questions that name them with their split."""
+    images = {9: _image(9), 42: _image(42, h=300.0, w=500.0)}
+    sizes = {9: (480.0, 640.0), 42: (300.0, 500.0)}
+    six = _write_tsv(tmp_path / "trainval_36.tsv", [_six_fields(i, *sizes[i], *images[i]) for i in images])
+    ten = _write_tsv(tmp_path / "obj36.tsv", [_tsv_fields(f"COCO_val2014_{i:012d}", *sizes[i], *images[i])
+                                              for i in images])
+    prepare_features([six], tmp_path / "six", log=lambda m: None)
+    prepare_features([ten], tmp_path / "ten", log=lambda m: None)
+    a, b = FeatureStore(tmp_path / "six"), FeatureStore(tmp_path / "ten")
+    assert a.ids == ["COCO_000000000009", "COCO_000000000042"]
+    np.testing.assert_array_equal(np.asarray(a._features), np.asarray(b._features))
+    np.testing.assert_array_equal(np.asarray(a._boxes), np.asarray(b._boxes))  # width and height not swapped
+    assert a.row("COCO_val2014_000000000042") == 1 and "COCO_train2014_000000000009" in a
+    assert "COCO_val2014_000000000043" not in a
+
+
 def _bad_lines() -> dict[str, tuple[list[str], str]]:
     good = _tsv_fields("img2", 480, 640, *_image(2))
     truncated = "\t".join(good)[: -len(good[-1]) // 2]
     short_feats = _tsv_fields("img2", 480, 640, _image(2)[0], _image(2)[1][:, : D - 1])
+    nan_feats = _image(2)[1].copy()
+    nan_feats[3, 1] = np.nan
+    huge_boxes = _image(2)[0] * 9000
     return {"truncated": (truncated, "line 2"), "fields": ("\t".join(good[:7]), "line 2"),
             "features": ("\t".join(short_feats), "field 'features'"),
-            "boxes": ("\t".join(good[:8] + [_b64(np.zeros(5, '<f4'))] + good[9:]), "field 'boxes'")}
+            "boxes": ("\t".join(good[:8] + [_b64(np.zeros(5, '<f4'))] + good[9:]), "field 'boxes'"),
+            "nan feature": ("\t".join(_tsv_fields("img2", 480, 640, _image(2)[0], nan_feats)),
+                            "image 'img2' field 'features' holds nan"),
+            "nan height": ("\t".join(_tsv_fields("img2", float("nan"), 640, *_image(2))),
+                           "field 'img_h' = nan must be a positive finite number"),
+            "boxes far outside": ("\t".join(_tsv_fields("img2", 480, 640, huge_boxes, _image(2)[1])),
+                                  "lies outside the 640 x 480 image"),
+            "six-field id": ("\t".join(["COCO_1"] + _six_fields(1, 480, 640, *_image(2))[1:]),
+                             "field 'image_id' = 'COCO_1' is not an integer COCO image id")}
 
 
-@pytest.mark.parametrize("case", ["truncated", "fields", "features", "boxes"])
+@pytest.mark.parametrize("case", sorted(_bad_lines()))
 def test_bad_tsv_is_one_error_and_leaves_nothing(tmp_path, case):
     line, words = _bad_lines()[case]
     first = "\t".join(_tsv_fields("img1", 480, 640, *_image(1)))
@@ -90,6 +125,68 @@ def test_bad_tsv_is_one_error_and_leaves_nothing(tmp_path, case):
         prepare_features([tsv], tmp_path / "store", log=lambda m: None)
     assert str(tsv) in str(err.value) and "line 2" in str(err.value) and words in str(err.value)
     assert _leftovers(tmp_path, {"bad.tsv"}) == []
+
+
+def test_float16_store_refuses_values_beyond_its_range(tmp_path):
+    boxes, feats = _image(1)
+    feats[2, 5] = 70000.0
+    tsv = _write_tsv(tmp_path / "a.tsv", [_tsv_fields("img1", 480, 640, *_image(0)), _tsv_fields("img1b", 480, 640, boxes, feats)])
+    with pytest.raises(InputError, match=r"line 2: image 'img1b' has the feature value 70000, beyond float16's range"):
+        prepare_features([tsv], tmp_path / "store", dtype="float16", log=lambda m: None)
+    assert _leftovers(tmp_path, {"a.tsv"}) == []
+    prepare_features([tsv], tmp_path / "store", dtype="float32", log=lambda m: None)  # float32 holds it
+
+
+def test_unreadable_tsv_inputs_are_one_error_line(tmp_path, capsys):
+    binary = tmp_path / "binary.tsv"
+    binary.write_bytes(b"\xff\xfe\x00 not text\n")
+    assert main(["features", str(binary), "--out", str(tmp_path / "store")]) == 2
+    assert "binary.tsv, after line 0: not a text TSV" in capsys.readouterr().err
+    assert main(["features", str(tmp_path), "--out", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path} is a folder; give the .tsv files themselves"
+
+
+def test_full_disk_while_reserving_the_store_is_exit_4_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    tsv = _write_tsv(tmp_path / "a.tsv", [_tsv_fields("img1", 480, 640, *_image(1))])
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert main(["features", str(tsv), "--out", str(tmp_path / "store")]) == 4
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert err == [f"error: [Errno 28] no space left on device while writing {tmp_path / 'store'}; store was left "
+                   f"as it was"]
+    assert _leftovers(tmp_path, {"a.tsv"}) == []
+
+
+def test_store_fingerprint_refuses_replaced_arrays(tmp_path, capsys):
+    tsv = _write_tsv(tmp_path / "a.tsv", [_tsv_fields(f"img{i}", 480, 640, *_image(i)) for i in range(5)])
+    prepare_features([tsv], tmp_path / "store", log=lambda m: None)
+    meta = json.loads((tmp_path / "store/meta.json").read_text())
+    assert set(meta["fingerprint"]) == {"sample_sha256", "sample_rows", "features_sha256", "boxes_sha256"}
+    arr = np.load(tmp_path / "store/features.npy", mmap_mode="r+")
+    arr[:] = 0.5  # every value replaced
+    arr.flush()
+    del arr
+    with pytest.raises(InputError, match=r"features.npy / boxes.npy differ from the fingerprint written with the store"):
+        FeatureStore(tmp_path / "store")
+    assert main(["fingerprint", str(tmp_path / "store")]) == 0
+    assert FeatureStore(tmp_path / "store").get(0)[0][0, 0] == 0.5
+
+
+@pytest.mark.parametrize("value", ["abc", -3, None, 2.5])
+def test_store_metadata_with_a_bad_box_count_is_one_error(tmp_path, value):
+    tsv = _write_tsv(tmp_path / "a.tsv", [_tsv_fields("img1", 480, 640, *_image(1))])
+    prepare_features([tsv], tmp_path / "store", log=lambda m: None)
+    meta = json.loads((tmp_path / "store/meta.json").read_text())
+    (tmp_path / "store/meta.json").write_text(json.dumps({**meta, "num_boxes": value}))
+    with pytest.raises(InputError, match=r"meta.json: field 'num_boxes' = .* must be a positive integer"):
+        FeatureStore(tmp_path / "store")
 
 
 def test_existing_store_is_kept_unless_overwrite(tmp_path):
@@ -147,9 +244,9 @@ def test_vqa_v2_questions_labels_and_answers(tmp_path):
          "question_id": 9002, "question_type": "what is", "sent": "What is it?"},
         {"answer_type": "yes/no", "img_id": "COCO_train2014_000000000025", "label": {"yes": 1.0, "no": 0.3},
          "question_id": 25001, "question_type": "is it", "sent": "Is it red?"}]
-    side = json.loads((out / "train_answers.json").read_text())
-    assert side["9001"] == ["2", "2", "2", "2", "3", "3", "3", "0", "2", "2"]
-    assert side["9002"] == ["dog", "dog", "dog", "dog", "cat", "cat", "don't know", "dog", "dog", "dog"]
+    side = json.loads((out / "train_answers.json").read_text())  # as annotated (stripped): the official scorer's input
+    assert side["9001"] == ["Two", "2", "two.", "2", "three", "3", "3", "none", "2", "Two"]
+    assert side["9002"] == ["A dog", "the dog", "dog!", "Dog", "cat", "a Cat", "dont know", "dog", "dog", "dog"]
     assert json.loads((out / "trainval_ans2label.json").read_text()) == json.loads(vocab.read_text())
     assert meta["splits"]["train"] == {"questions": 3, "images": 2}
 
@@ -210,17 +307,42 @@ def test_vqacp_carve_is_deterministic_and_disjoint_by_image(tmp_path):
     assert {q["img_id"] for q in load("c", "cp_val")} != val_imgs
 
 
-def _vqavs_raw(tmp_path: Path) -> tuple[Path, dict[str, set[int]]]:
-    """A VQA-VS tree where each split's files hold questions of their own (ids 1000*k + i)."""
-    raw = tmp_path / "raw"
-    expected = {}
-    for k, (name, files) in enumerate(vqavs_layout(raw).items()):
-        files.questions.parent.mkdir(parents=True, exist_ok=True)
-        qs = [{"image_id": 100 + i, "question": f"{name} {i}?", "question_id": 1000 * k + i} for i in range(2)]
-        anns = [_annotation(q["question_id"], q["image_id"], ["yes"] * 10, "yes") for q in qs]
-        _dump(files.questions, qs)
-        _dump(files.annotations, anns)
-        expected[name] = {q["question_id"] for q in qs}
+FIXTURES = Path(__file__).parent / "fixtures"
+VQAVS_TAGS = ["KO", "KOP", "KW", "KWP", "KW+KO", "QT", "QT+KO", "QT+KW", "QT+KW+KO"]
+
+
+def _zip(path: Path, members: dict[str, object]) -> None:
+    """A zip as the release ships them: JSON members plus macOS resource-fork leftovers."""
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in members.items():
+            zf.writestr(name, json.dumps(content))
+            head, _, tail = name.rpartition("/")
+            zf.writestr(f"__MACOSX/{head + '/' if head else ''}._{tail}", b"\x00\x05\x16\x07 not json")
+
+
+def _vqavs_release(tmp_path: Path) -> tuple[Path, dict[str, list[int]]]:
+    """A VQA-VS release folder laid out exactly as published in PhoebusSi/VQA-VS data/ (Training/Training-Ques.json.zip,
+    Training/Training-Ans.json.zip, Val.zip, IID-Test.zip, OOD-Test.zip with OOD-Test/<T>/OOD-Test-<T>-{Ques,Ans}.json),
+    unextracted, holding real records of its Val.zip (tests/fixtures/vqa_vs_val_records.json names them)."""
+    records = json.loads((FIXTURES / "vqa_vs_val_records.json").read_text())
+    qs, anns = records["questions"], records["annotations"]
+    raw = tmp_path / "vqa_vs"
+    parts = {"train": slice(0, 4), "val": slice(4, 7), "test_iid": slice(7, 12)}
+    _zip(raw / "Training/Training-Ques.json.zip", {"Training-Ques.json": qs[parts["train"]]})
+    _zip(raw / "Training/Training-Ans.json.zip", {"Training-Ans.json": anns[parts["train"]]})
+    _zip(raw / "Val.zip", {"Val/Val-Ques.json": qs[parts["val"]], "Val/Val-Ans.json": anns[parts["val"]]})
+    _zip(raw / "IID-Test.zip", {"IID-Test/IID-Test-Ques.json": qs[parts["test_iid"]],
+                                "IID-Test/IID-Test-Ans.json": anns[parts["test_iid"]]})
+    ood, expected = {}, {n: [q["question_id"] for q in qs[p]] for n, p in parts.items()}
+    for k, tag in enumerate(VQAVS_TAGS):  # each OOD set: a subset of the IID test
+        pick = [7 + (k + j) % 5 for j in range(2)]
+        ood[f"OOD-Test/{tag}/OOD-Test-{tag}-Ques.json"] = [qs[i] for i in pick]
+        ood[f"OOD-Test/{tag}/OOD-Test-{tag}-Ans.json"] = [anns[i] for i in pick]
+        expected["ood_" + tag.lower().replace("+", "_")] = [qs[i]["question_id"] for i in pick]
+    _zip(raw / "OOD-Test.zip", ood)
     return raw, expected
 
 
@@ -232,29 +354,36 @@ def _store(folder: Path, ids: list[str]) -> Path:
     return folder
 
 
-def test_vqavs_each_split_reads_its_own_files(tmp_path):
-    raw, expected = _vqavs_raw(tmp_path)
-    store = _store(tmp_path / "store", ["COCO_train2014_000000000100", "COCO_val2014_000000000101"])
+def test_vqavs_release_as_published_gives_all_twelve_splits(tmp_path):
+    raw, expected = _vqavs_release(tmp_path)
+    records = json.loads((FIXTURES / "vqa_vs_val_records.json").read_text())
+    # a store made from the six-field trainval_36 TSV names images by their COCO id only
+    store = _store(tmp_path / "store", sorted({f"COCO_{q['image_id']:012d}" for q in records["questions"]}))
     assert main(["vqavs", "--raw", str(raw), "--out", str(tmp_path / "out"), "--features", str(store),
                  "--min-count", "1"]) == 0
-    assert set(expected) == {"train", "val", "test_iid", *VQAVS_OOD}
+    assert set(expected) == {"train", "val", "test_iid", *VQAVS_OOD} and len(expected) == 12
+    by_id = {a["question_id"]: a for a in records["annotations"]}
     for name, ids in expected.items():
         got = json.loads((tmp_path / "out" / f"{name}.json").read_text())
-        assert {q["question_id"] for q in got} == ids, name
-        assert all(q["sent"].startswith(name + " ") for q in got)
-        assert [q["img_id"] for q in got] == ["COCO_train2014_000000000100", "COCO_val2014_000000000101"]
+        assert [q["question_id"] for q in got] == ids, name
+        side = json.loads((tmp_path / "out" / f"{name}_answers.json").read_text())
+        assert side == {str(i): [a["answer"] for a in by_id[i]["answers"]] for i in ids}, "raw answers kept"
+        assert all(FeatureStore(store).row(q["img_id"]) >= 0 for q in got)
+    val = json.loads((tmp_path / "out" / "val.json").read_text())
+    assert val[0]["sent"] == records["questions"][4]["question"] and val[0]["question_type"] == \
+        records["annotations"][4]["question_type"]
 
 
-def test_vqavs_missing_file_and_image_not_in_store(tmp_path, capsys):
-    raw, _ = _vqavs_raw(tmp_path)
-    (raw / "Val/Val-Ques.json").unlink()
+def test_vqavs_missing_part_of_the_release_is_one_error(tmp_path, capsys):
+    raw, _ = _vqavs_release(tmp_path)
+    (raw / "OOD-Test.zip").unlink()
     assert main(["vqavs", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "Val-Ques.json" in err and "\n" not in err
-    raw2, _ = _vqavs_raw(tmp_path / "again")
-    store = _store(tmp_path / "store", ["COCO_train2014_000000000100"])
-    with pytest.raises(InputError, match="image_id 101 matches 0 images"):
-        prepare_questions(vqavs_layout(raw2), tmp_path / "out", namer=ImageNamer(store=store), log=lambda m: None)
+    assert err.startswith("error: split 'ood_qt': file not found: ") and "OOD-Test/QT/OOD-Test-QT-Ques.json" in err
+    assert "bash data/download.bash vqa_vs" in err and "\n" not in err
+    (raw / "Training/Training-Ans.json.zip").write_text("version https://git-lfs.github.com/spec/v1\n")
+    assert main(["vqavs", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 2
+    assert "Training-Ans.json.zip: not a zip archive" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
