@@ -20,6 +20,7 @@ from .config import describe, load_config
 from .errors import failure
 
 COMMANDS = {
+    "score": "official VQA accuracy of a predictions file: python -m lxmert score --help",
     "check": "validate the config and its overrides, and do nothing else",
     "generate": "write the embedded benchmark of the config (done automatically by the other commands)",
     "pretrain": "make the stand-in pretrained encoder of the embedded benchmark (done automatically when needed)",
@@ -33,6 +34,11 @@ STUDIES = ("finetune", "lottery", "debias")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:  # the official VQA accuracy of a predictions file (lxmert/score.py)
+        from .score import main as score
+
+        return score(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m lxmert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))

@@ -170,20 +170,34 @@ def release_answers(path: str | Path, rows: int) -> list[str]:
     return answers
 
 
-def _row_index(answers: list[str]) -> dict[str, int]:
-    """Exact strings first, then their normalised form, so "a dog" in the release matches "dog"."""
-    index: dict[str, int] = {}
-    for i, a in enumerate(answers):
-        index.setdefault(a, i)
-    for i, a in enumerate(answers):
-        index.setdefault(normalize_answer(a), i)
-    return index
+# The original fine-tuning's conversion of a task answer before it is looked up among the release's answers
+# (airsplay/lxmert src/pretrain/qa_answer_table.py, AnswerTable.ANS_CONVERT and convert_ans).
+_ANS_CONVERT = {"a man": "man", "the man": "man", "a woman": "woman", "the woman": "woman", "one": "1", "two": "2",
+                "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9",
+                "ten": "10", "grey": "gray"}
+
+
+def convert_answer(answer: str) -> str:
+    """AnswerTable.convert_ans: lower-case, one trailing period and a leading a/an/the dropped, then the table."""
+    if len(answer) == 0:
+        return ""
+    answer = answer.lower()
+    if answer[-1] == ".":
+        answer = answer[:-1].strip()
+    for article in ("a ", "an ", "the "):
+        if answer.startswith(article):
+            answer = answer[len(article):].strip()
+    return _ANS_CONVERT.get(answer, answer)
 
 
 def build_head(ckpt: Checkpoint, hidden: int, vocab: AnswerVocab, answers: Optional[list[str]],
                seed: int) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The project's head: hidden layers copied, output rows copied by answer string, the other rows
-    freshly initialised (std 0.02, bias 0) under `seed`. Returns the state and the copied answers."""
+    """The project's head as the original fine-tuning builds it (load_lxmert_qa, airsplay/lxmert
+    src/pretrain/qa_answer_table.py): the hidden layers from the release; output row and bias of each task
+    answer copied from the release's row of convert_answer(answer), matched exactly against the release's
+    answer strings, and zero (weight row and bias) for an answer the release does not have. Without the
+    release's answer list the output layer stays freshly initialised (std 0.02, bias 0) under `seed`.
+    Returns the state and the answers copied."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = {f"head.{k}": v for k, v in answer_head(hidden, len(vocab)).state_dict().items()}
@@ -196,10 +210,13 @@ def build_head(ckpt: Checkpoint, hidden: int, vocab: AnswerVocab, answers: Optio
     copied: list[str] = []
     if answers is None or "head.3.weight" not in ckpt.head:
         return state, copied
-    index = _row_index(answers)
+    index = {a: i for i, a in enumerate(answers)}
     for label, answer in enumerate(vocab.label2ans):
-        row = index.get(answer)
-        if row is not None:
+        row = index.get(convert_answer(answer))
+        if row is None:
+            state["head.3.weight"][label] = 0.0
+            state["head.3.bias"][label] = 0.0
+        else:
             state["head.3.weight"][label] = ckpt.head["head.3.weight"][row]
             state["head.3.bias"][label] = ckpt.head["head.3.bias"][row]
             copied.append(answer)
@@ -215,7 +232,7 @@ def _report(ckpt: Checkpoint, vocab: AnswerVocab, copied: list[str], matched: bo
                         for p in ("weight", "bias")})
     return {**{k: str(v) for k, v in sources.items()}, "encoder_tensors": len(ckpt.encoder),
             "head_tensors_in_checkpoint": sorted(ckpt.head), "answer_rows_copied": len(copied),
-            "num_answers": len(vocab), "answers_initialised_fresh": [a for a in vocab.label2ans if a not in kept],
+            "num_answers": len(vocab), "answers_not_in_release": [a for a in vocab.label2ans if a not in kept],
             "dropped_keys": dropped}
 
 
@@ -240,9 +257,20 @@ def convert(checkpoint: str | Path, answers: str | Path, out: str | Path,
         save_tensors(tmp / HEAD_FILE, head, metadata={"num_answers": str(len(vocab))})
         write_json(tmp / "conversion.json", report)
     log(f"encoder: {len(ckpt.encoder)} tensors -> {out}; dropped {len(ckpt.dropped)} pretraining-head tensors")
-    log(f"answer head: copied {len(copied)} of {len(vocab)} answer rows from the release's QA head"
-        + ("" if names is not None else " (no --pretrained-answers given)"))
+    if names is not None:  # the original's own report (load_lxmert_qa)
+        log(f"Loaded {len(copied)} answers from LXRTQA pre-training and {len(vocab) - len(copied)} not (their rows "
+            f"and biases are zero)")
+    else:
+        log("answer head: no --pretrained-answers given, the output layer is freshly initialised")
     return report
+
+
+def _heads(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"--num-attention-heads {text}: give a positive number of attention heads")
+    return int(text)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -252,12 +280,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--answers", required=True, help="the project's trainval_ans2label.json")
     parser.add_argument("--pretrained-answers", help="the release's answer list (all_ans.json), one per QA-head row")
     parser.add_argument("--out", required=True, help="output folder (LxmertModel + head.safetensors)")
-    parser.add_argument("--num-attention-heads", type=int, help="attention heads (default: hidden size / 64)")
+    parser.add_argument("--num-attention-heads", help="attention heads (default: hidden size / 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised head rows")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     return exit_code(lambda: convert(args.checkpoint, args.answers, args.out, args.pretrained_answers,
-                                     args.num_attention_heads, args.seed, args.overwrite))
+                                     _heads(args.num_attention_heads), args.seed, args.overwrite))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,17 @@ from lxmert.convert import convert, main
 from lxmert.io import InputError, load_tensors
 from lxmert.modeling import build_model
 
-RELEASE_ANSWERS = ["yes", "no", "a dog", "2", "red", "the cat", "blue", "3", "green", "tree", "car", "man"]
-PROJECT_ANSWERS = ["no", "yes", "dog", "cat", "purple", "2", "bus", "green"]
-COPIED = {"no": 1, "yes": 0, "dog": 2, "cat": 5, "2": 3, "green": 8}  # project answer -> release row
+from pathlib import Path
+
+# Real records of the release's answer table (tests/fixtures/lxmert_all_ans_records.json names its source).
+ALL_ANS = json.loads((Path(__file__).parent / "fixtures" / "lxmert_all_ans_records.json").read_text())["records"]
+RELEASE_ANSWERS = [r["ans"] for r in ALL_ANS]
+# Task answers with near misses; the original's rule (airsplay/lxmert qa_answer_table.py convert_ans + ANS_CONVERT)
+# maps them to these release answers, and leaves the others without a row (zero weights, zero bias).
+PROJECT_ANSWERS = ["no", "yes", "grey", "two", "the beach", "", "dog", "purple", "a woman", "Black and white.", "a",
+                   "a man"]
+COPIED = {"no": "no", "yes": "yes", "grey": "gray", "two": "2", "the beach": "beach", "dog": "dog", "a woman": "woman",
+          "Black and white.": "black and white", "a": "a", "a man": "man"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +37,7 @@ def release(tmp_path_factory):
     assert any(k.startswith("answer_head.logit_fc.3.") for k in state)
     folder = tmp_path_factory.mktemp("release")
     torch.save(state, folder / "model_LXRT.pth")
-    (folder / "all_ans.json").write_text(json.dumps([{"ans": a, "dsets": ["vqa"]} for a in RELEASE_ANSWERS]))
+    (folder / "all_ans.json").write_text(json.dumps(ALL_ANS))
     (folder / "ans2label.json").write_text(json.dumps({a: i for i, a in enumerate(PROJECT_ANSWERS)}))
     return folder, state
 
@@ -58,13 +66,13 @@ def test_every_tensor_lands_where_it_belongs(release, tmp_path):
     src_w, src_b = state["answer_head.logit_fc.3.weight"], state["answer_head.logit_fc.3.bias"]
     for label, answer in enumerate(PROJECT_ANSWERS):
         if answer in COPIED:
-            torch.testing.assert_close(head["head.3.weight"][label], src_w[COPIED[answer]], rtol=0, atol=0)
-            assert head["head.3.bias"][label] == src_b[COPIED[answer]]
-        else:
-            assert head["head.3.bias"][label] == 0
-            assert 0.001 < head["head.3.weight"][label].std() < 0.05
+            row = RELEASE_ANSWERS.index(COPIED[answer])
+            torch.testing.assert_close(head["head.3.weight"][label], src_w[row], rtol=0, atol=0)
+            assert head["head.3.bias"][label] == src_b[row]
+        else:  # as the original: a zero row and a zero bias, not a random row
+            assert head["head.3.bias"][label] == 0 and not head["head.3.weight"][label].any()
     assert report["answer_rows_copied"] == len(COPIED)
-    assert report["answers_initialised_fresh"] == ["purple", "bus"]
+    assert report["answers_not_in_release"] == ["", "purple"], "the empty answer does not take the row of 'a'"
     dropped = set(report["dropped_keys"])
     assert dropped == {k for k in state if k.startswith(("cls.", "obj_predict_head."))}
     assert encoder_keys | dropped | {k for k in state if k.startswith("answer_head.")} == set(state)
@@ -83,6 +91,24 @@ def test_converted_folder_builds_the_project_model(release, tmp_path):
              "visual_feats": torch.randn(1, 4, 128), "visual_pos": torch.rand(1, 4, 4)}
     logits, _ = model.eval()(batch)
     assert logits.shape == (1, len(PROJECT_ANSWERS))
+
+
+def test_original_answer_conversion_rule():
+    from lxmert.convert import convert_answer
+
+    assert [convert_answer(a) for a in ["", "Grey", "The beach.", "an apple", "a man", "Two", "a", "the"]] == \
+        ["", "gray", "beach", "apple", "man", "2", "a", "the"]
+
+
+@pytest.mark.parametrize("heads", ["-1", "0", "two"])
+def test_bad_head_count_is_one_error_line(release, tmp_path, heads, capsys):
+    folder, _ = release
+    code = main(["--checkpoint", str(folder / "model_LXRT.pth"), "--answers", str(folder / "ans2label.json"),
+                 "--out", str(tmp_path / "out"), f"--num-attention-heads={heads}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --num-attention-heads {heads}: give a positive number of attention heads"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_answer_list_no_rows_are_copied(release, tmp_path):

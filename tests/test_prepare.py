@@ -387,10 +387,11 @@ def test_vqavs_missing_part_of_the_release_is_one_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["malformed", "no_field", "no_annotation", "answers"])
+@pytest.mark.parametrize("case", ["malformed", "no_field", "no_annotation", "answers", "null answer", "repeated id",
+                                  "text id"])
 def test_bad_json_names_file_and_field(tmp_path, case):
     raw = _vqa_v2_files(tmp_path)
-    target = raw.annotations if case in ("no_annotation", "answers") else raw.questions
+    target = raw.annotations if case in ("no_annotation", "answers", "null answer") else raw.questions
     data = json.loads(target.read_text())
     if case == "malformed":
         target.write_text(target.read_text()[:-20])
@@ -401,9 +402,18 @@ def test_bad_json_names_file_and_field(tmp_path, case):
     elif case == "no_annotation":
         del data["annotations"][2]
         words = "no annotation for question_id 25001"
-    else:
+    elif case == "answers":
         data["annotations"][0]["answers"][3] = {"answer_id": 4}
         words = "field 'answers'"
+    elif case == "null answer":  # json null; str(None) would have become the answer "0" ("none" -> "0")
+        data["annotations"][1]["multiple_choice_answer"] = None
+        words = "annotation #1 (question_id 9002) field 'multiple_choice_answer' must be a string, got None"
+    elif case == "repeated id":
+        data["questions"][2]["question_id"] = 9001
+        words = "question #2 repeats question_id 9001"
+    else:
+        data["questions"][0]["question_id"] = "9001"
+        words = "question #0 field 'question_id' must be an integer"
     if case != "malformed":
         _dump(target, data)
     with pytest.raises(InputError) as err:
