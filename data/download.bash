@@ -65,20 +65,34 @@ get_vqa_cp_v2() {
     done
 }
 
+# VQA-VS is used as published: its zips stay as they are in data/raw/vqa_vs (Training/Training-Ques.json.zip,
+# Training/Training-Ans.json.zip, Val.zip, IID-Test.zip, OOD-Test.zip); python -m lxmert.prepare vqavs reads the
+# JSON files straight from them (or from extracted copies). A part that is missing or not a real zip (a Git LFS
+# pointer) stops with its name and where else to get it.
+VQAVS_PARTS=(Training/Training-Ques.json.zip Training/Training-Ans.json.zip Val.zip IID-Test.zip OOD-Test.zip)
 get_vqa_vs() {
-    local repo="$RAW/vqa_vs/.release"
+    local repo="$RAW/vqa_vs/.release" part missing=0
     if [[ ! -d "$repo" ]]; then
-        git clone --depth 1 https://github.com/PhoebusSi/VQA-VS "$repo"
+        git clone -q --depth 1 "${VQAVS_REPO:-https://github.com/PhoebusSi/VQA-VS}" "$repo"
     fi
-    local zip
-    for zip in "$repo"/data/*.zip; do
-        [[ -e "$zip" ]] || continue
-        unzip -o -q "$zip" -d "$RAW/vqa_vs"
+    mkdir -p "$RAW/vqa_vs/Training"
+    for part in "${VQAVS_PARTS[@]}"; do
+        if [[ -f "$repo/data/$part" && ! -f "$RAW/vqa_vs/$part" ]]; then
+            cp "$repo/data/$part" "$RAW/vqa_vs/$part"
+        fi
+        if [[ ! -f "$RAW/vqa_vs/$part" ]] || ! "${PYTHON:-python3}" -c \
+                'import sys, zipfile; sys.exit(zipfile.ZipFile(sys.argv[1]).testzip() is not None)' \
+                "$RAW/vqa_vs/$part" 2>/dev/null; then
+            echo "VQA-VS: $RAW/vqa_vs/$part is missing or not a zip archive: get it from the data/ folder of" \
+                 "https://github.com/PhoebusSi/VQA-VS or its Google Drive folder" \
+                 "https://drive.google.com/drive/folders/1i6xqke5X5GoQ8YGoNcs3rtMsDtgs4OLG and put it there as it is" >&2
+            missing=1
+        fi
     done
-    if [[ ! -f "$RAW/vqa_vs/Training/Training-Ques.json" ]]; then
-        echo "VQA-VS: $RAW/vqa_vs/Training/Training-Ques.json is missing: download the release from the" \
-             "Google Drive folder linked in https://github.com/PhoebusSi/VQA-VS and arrange it as data/README.md shows" >&2
+    if [[ $missing -ne 0 ]]; then
+        return 1
     fi
+    echo "have the VQA-VS release in $RAW/vqa_vs (prepare it with python -m lxmert.prepare vqavs, data/README.md)"
 }
 
 get_features() {
@@ -109,9 +123,11 @@ parts=("$@")
 if [[ ${#parts[@]} -eq 0 ]]; then
     parts=(vqa_v2 vqa_cp_v2 vqa_vs features lxmert hub)
 fi
+status=0
 for part in "${parts[@]}"; do
     case "$part" in
-        vqa_v2 | vqa_cp_v2 | vqa_vs | features | lxmert | hub) "get_$part" ;;
+        vqa_v2 | vqa_cp_v2 | vqa_vs | features | lxmert | hub) "get_$part" || status=1 ;;
         *) echo "unknown part '$part' (vqa_v2 vqa_cp_v2 vqa_vs features lxmert hub)" >&2; exit 2 ;;
     esac
 done
+exit $status

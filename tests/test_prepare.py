@@ -434,3 +434,47 @@ def test_cli_vqa_with_carve_and_coco_split_option(tmp_path):
     assert json.loads((out / "prepare.json").read_text())["carve"] == {
         "source": "cp_train", "name": "cp_val", "fraction": 0.2, "seed": 1}
     assert main(["vqa", "--out", str(out), "--split", "train", str(q), str(a)]) == 2  # no COCO split known
+
+
+def _git_repo_with(folder: Path, files: dict[str, Path]) -> Path:
+    import shutil
+    import subprocess
+
+    for rel, src in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, folder / rel)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": "/usr/bin:/bin"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "release"]):
+        subprocess.run(cmd, cwd=folder, check=True, env=env)
+    return folder
+
+
+def test_download_bash_and_prepare_vqavs_give_all_twelve_splits(tmp_path):
+    """bash data/download.bash vqa_vs on a clone of the release (here a local copy laid out as published), then
+    the documented prepare command: all twelve splits, nothing renamed by hand."""
+    import shutil
+    import subprocess
+    import sys
+
+    release, expected = _vqavs_release(tmp_path / "release_files")
+    parts = ["Training/Training-Ques.json.zip", "Training/Training-Ans.json.zip", "Val.zip", "IID-Test.zip",
+             "OOD-Test.zip"]
+    repo = _git_repo_with(tmp_path / "VQA-VS", {f"data/{p}": release / p for p in parts})
+    data = tmp_path / "clone" / "data"
+    data.mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[1] / "data" / "download.bash", data / "download.bash")
+    env = {"PATH": "/usr/bin:/bin", "VQAVS_REPO": str(repo), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(data / "download.bash"), "vqa_vs"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = json.loads((FIXTURES / "vqa_vs_val_records.json").read_text())
+    store = _store(tmp_path / "store", sorted({f"COCO_{q['image_id']:012d}" for q in records["questions"]}))
+    assert main(["vqavs", "--raw", str(data / "raw/vqa_vs"), "--out", str(tmp_path / "out"), "--features",
+                 str(store), "--min-count", "1"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.json") if not p.stem.endswith(("_answers", "_ans2label",
+                  "_label2ans")) and p.stem != "prepare") == sorted(expected)
+
+    (data / "raw/vqa_vs/OOD-Test.zip").write_text("version https://git-lfs.github.com/spec/v1\n")
+    failed = subprocess.run(["bash", str(data / "download.bash"), "vqa_vs"], env=env, capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert "OOD-Test.zip is missing or not a zip archive" in failed.stderr and "drive.google.com" in failed.stderr
