@@ -612,3 +612,25 @@ def test_experiment_made_with_other_data_is_refused(embedded_root, tmp_path, mon
     with pytest.raises(InputError, match=r"data.json: the runs of experiment 'tiny' were made with other data "
                                          r"\(.*train.json differ\)"):
         check_data_fingerprint(cfg)
+
+
+def test_written_files_and_folders_follow_the_umask(tmp_path):
+    """safetensors writes its own 0600 file and mkdtemp makes 0700 folders: both are set to what the umask allows."""
+    import stat
+
+    import torch
+
+    from lxmert import io
+
+    old = os.umask(0o022)
+    try:
+        io._UMASK = 0o022
+        io.save_tensors(tmp_path / "w.safetensors", {"a": torch.ones(2)})
+        io.write_json(tmp_path / "x.json", {})
+        with io.atomic_folder(tmp_path / "store") as tmp:
+            (tmp / "f").write_text("1")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(old)
+        io._UMASK = old
+    assert modes == {"w.safetensors": 0o644, "x.json": 0o644, "store": 0o755}
