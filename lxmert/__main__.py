@@ -78,38 +78,25 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+# command -> (module, function) run with the config; imported only when used (torch loads in seconds)
+RUNNERS = {"generate": ("data", "prepare_embedded"), "pretrain": ("pretrain", "run_pretrain"),
+           "finetune": ("finetune", "run_finetune"), "lottery": ("lottery", "run_lottery"),
+           "debias": ("debias", "run_debias"), "plots": ("plots", "redraw_all")}
+
+
 def _run(command: str, cfg, workers: int | None) -> None:
+    import importlib
+
+    from .training import setup_logging
     from .units import configure_workers
 
     if workers is not None:
         os.environ["LXMERT_WORKERS"] = str(workers)
     configure_workers(command in STUDIES)
-    if command == "generate":
-        from .data import prepare_embedded
-
-        prepare_embedded(cfg)
-    elif command == "pretrain":
-        from .pretrain import run_pretrain
-
-        run_pretrain(cfg)
-    elif command == "finetune":
-        from .finetune import run_finetune
-
-        run_finetune(cfg)
-    elif command == "lottery":
-        from .lottery import run_lottery
-
-        run_lottery(cfg)
-    elif command == "debias":
-        from .debias import run_debias
-
-        run_debias(cfg)
-    elif command == "plots":
-        from .debias import redraw as redraw_debias
-        from .lottery import redraw
-
-        redraw(cfg)
-        redraw_debias(cfg)
+    if command == "pretrain":
+        setup_logging(cfg)
+    module, function = RUNNERS[command]
+    getattr(importlib.import_module(f".{module}", __package__), function)(cfg)
 
 
 if __name__ == "__main__":

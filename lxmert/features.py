@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from .io import InputError, read_json, write_json
+from .io import InputError, file_sha256, read_json, write_json
 
 log = logging.getLogger("lxmert")
 _SPLIT_NAME = re.compile(r"^COCO_(?:train2014|val2014|test2015)_(\d{12})$")
@@ -54,14 +54,6 @@ def sample_fingerprint(features: np.ndarray, boxes: np.ndarray, ids: list[str]) 
         digest.update(np.ascontiguousarray(features[r]).tobytes())
         digest.update(np.ascontiguousarray(boxes[r]).tobytes())
         digest.update(ids[r].encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -9,7 +9,6 @@ result/<experiment>/predictions/<unit>/<split>.json   answers of a unit's best-o
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from .blind import train_blind
 from .config import DATA_KEYS, TRAIN_KEYS, Config, model_keys, unit_settings
 from .data import Data, load_data
 from .evaluation import accuracy, predict, predictions_json
-from .io import FileLock, InputError, atomic_folder, read_json, read_object, remove_temporaries, \
+from .io import FileLock, InputError, atomic_folder, file_sha256, read_json, read_object, remove_temporaries, \
     save_tensors, write_json
 from .losses import make_loss, question_type_prior
 from .modeling import VQAModel, build_model
@@ -173,21 +172,13 @@ def data_files(cfg: Config) -> list[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_data_fingerprint(cfg: Config) -> None:
     """models/<experiment>/data.json records the data the experiment's runs were trained on; later runs
     (and resumed ones) with other data are refused, so finished runs are never mixed with new data. Files
     added to the experiment (a new test split) are added to the record."""
     if not dist.is_main():
         return
-    files = {str(p): _sha256(p) for p in data_files(cfg) if p.exists()}
+    files = {str(p): file_sha256(p) for p in data_files(cfg) if p.exists()}
     path = cfg.model_dir / "data.json"
     with FileLock(cfg.model_dir / ".data.json.lock"):
         remove_temporaries(cfg.model_dir, of=path.name)

@@ -176,6 +176,17 @@ def remove_tree(path: str | Path) -> None:
     shutil.rmtree(trash)
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 16 MB chunks (never whole in memory)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

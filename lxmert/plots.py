@@ -128,3 +128,12 @@ def write_table(header: list[str], body: list[list[str]], md_path: Path, png_pat
     table.scale(1, 1.3)
     ax.set_title(title, fontsize=9)
     save_figure(fig, png_path)
+
+
+def redraw_all(cfg) -> None:
+    """Every plot and table of the config's experiment again from its JSON results (no training)."""
+    from .debias import redraw as redraw_debias
+    from .lottery import redraw as redraw_lottery
+
+    redraw_lottery(cfg)
+    redraw_debias(cfg)

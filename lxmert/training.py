@@ -33,7 +33,7 @@ from .config import Config
 from .data import BatchSampler, VQADataset, loader
 from .errors import TrainingDiverged
 from .evaluation import autocast, evaluate, to_device
-from .io import (InputError, atomic_folder, load_state, load_tensors, read_object, remove_temporaries, remove_tree,
+from .io import (InputError, atomic_folder, file_sha256, load_state, load_tensors, read_object, remove_temporaries, remove_tree,
                  save_state, save_tensors, write_json)
 from .masks import MaskEnforcer
 
@@ -346,16 +346,7 @@ def run_seed(seed: int, tag: str) -> int:
 
 
 def _digests(folder: Path) -> dict:
-    import hashlib
-
-    out = {}
-    for path in sorted(folder.iterdir()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        out[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return out
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(folder.iterdir())}
 
 
 def _check_digests(folder: Path) -> None:

@@ -173,7 +173,7 @@ def test_store_files_that_disagree_are_named(tiny_data, tmp_path):
     _copy_store(tiny_data.store, folder, 1.0)
     ids = json.loads((folder / "img_ids.json").read_text())
     (folder / "img_ids.json").write_text(json.dumps(ids[:-1]))
-    with pytest.raises(InputError, match="features.npy: shape"):
+    with pytest.raises(InputError, match=f"meta.json: num_images is {len(ids)}, img_ids.json lists {len(ids) - 1} images"):
         FeatureStore(folder)
     writer = StoreWriter(tmp_path / "w", 2, 8, 16)
     with pytest.raises(InputError, match="'x': features have shape"):
