@@ -1,17 +1,23 @@
 """The question-only ("blind") baseline: what can be answered without looking at the image.
 
-A bag-of-words classifier (mean of learned word embeddings -> MLP -> answers) trained with the same
-soft-score BCE on the training questions. Reported beside every accuracy: a model that does not beat it
-by a wide margin has learned the language prior, not the image.
+A bag-of-words classifier (mean of learned word embeddings -> MLP -> answers) trained on the training
+questions with the loss of the rows it is reported beside (BCE, LMH or LPF: lxmert/losses.py, with the
+MLP's hidden layer as the pooled representation LMH's gate reads). Reported beside every accuracy: a
+model that does not beat it by a wide margin has learned the language prior, not the image; and on a
+shifted test a debiasing loss's gain must be compared with what that loss gives a blind model.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from .config import DebiasConfig
 from .data import VQADataset
 from .evaluation import accuracy
+from .losses import make_loss
 
 
 class BagOfWords(nn.Module):
@@ -20,8 +26,10 @@ class BagOfWords(nn.Module):
         self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, num_answers))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.embed(input_ids))
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer logits and the hidden layer (the 'pooled' input of LMH's gate)."""
+        hidden = self.mlp[1](self.mlp[0](self.embed(input_ids)))
+        return self.mlp[2](hidden), hidden
 
 
 def _targets(ds: VQADataset, index: np.ndarray) -> torch.Tensor:
@@ -29,27 +37,30 @@ def _targets(ds: VQADataset, index: np.ndarray) -> torch.Tensor:
 
 
 def train_blind(train: VQADataset, evals: dict[str, VQADataset], vocab_size: int, seed: int,
-                epochs: int = 8, batch_size: int = 256, lr: float = 2e-3) -> dict[str, dict]:
-    """Train on `train` with a fixed seed, return the accuracy on every split in `evals`."""
+                epochs: int = 8, batch_size: int = 256, lr: float = 2e-3, loss: str = "bce",
+                prior: Optional[torch.Tensor] = None, debias: Optional[DebiasConfig] = None) -> dict[str, dict]:
+    """Train on `train` with a fixed seed and the named loss (`prior`: the question-type answer prior the
+    debiasing losses need), return the accuracy on every split in `evals`."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BagOfWords(vocab_size, train.num_answers)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+        criterion = make_loss(loss, prior, 2 * model.embed.embedding_dim, debias or DebiasConfig())
+    opt = torch.optim.Adam(list(model.parameters()) + list(criterion.parameters()), lr=lr)
     ids = torch.from_numpy(train.split.input_ids)
+    qtypes = torch.from_numpy(train.qtypes)
     for _ in range(epochs):
         for batch in torch.randperm(len(train), generator=gen).split(batch_size):
-            logits = model(ids[batch])
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                logits, _targets(train, batch.numpy()), reduction="sum") / len(batch)
+            logits, hidden = model(ids[batch])
+            loss_value = criterion(logits, _targets(train, batch.numpy()), hidden, qtypes[batch])
             opt.zero_grad()
-            loss.backward()
+            loss_value.backward()
             opt.step()
     out = {}
     with torch.no_grad():
         for name, ds in evals.items():
             # in chunks: all logits of a real split at once would be questions x answers floats (GBs)
             chunks = torch.from_numpy(ds.split.input_ids).split(4096)
-            preds = torch.cat([model(c).argmax(1) for c in chunks]).numpy()
+            preds = torch.cat([model(c)[0].argmax(1) for c in chunks]).numpy()
             out[name] = accuracy(ds, preds)
     return out

@@ -6,6 +6,7 @@ stops the run before anything is written, with an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -68,27 +69,51 @@ def level_name(level: float) -> str:
 
 @dataclass
 class EmbeddedConfig:
-    """Parameters of the synthetic benchmark the project generates itself."""
+    """Parameters of the synthetic benchmark the project generates itself (lxmert/benchmark.py)."""
 
     seed: int = _f(1234, "seed of the generator; the same seed writes byte-identical files")
-    train_questions: int = _f(6000, "IID training questions", _positive, "> 0")
-    valid_questions: int = _f(1000, "IID validation (minival) questions", _positive, "> 0")
-    test_questions: int = _f(1000, "IID test questions", _positive, "> 0")
-    pretrain_questions: int = _f(12000, "IID questions on separate images for the stand-in pretraining",
+    train_questions: int = _f(3000, "study A training questions (natural answer priors)", _positive, "> 0")
+    valid_questions: int = _f(600, "study A validation questions (minival; natural priors)", _positive, "> 0")
+    test_questions: int = _f(1000, "study A test questions (natural priors; also study B's natural-prior test, "
+                             "like VQA v2 val beside VQA-CP v2)", _positive, "> 0")
+    cp_train_questions: int = _f(3000, "study B training questions (changing priors: the training side)",
                                  _positive, "> 0")
-    cp_train_questions: int = _f(6000, "changing-priors training questions", _positive, "> 0")
-    cp_valid_questions: int = _f(1000, "changing-priors validation questions (train priors)", _positive, "> 0")
-    cp_test_questions: int = _f(1500, "changing-priors test questions (shifted priors)", _positive, "> 0")
-    questions_per_image: int = _f(3, "questions asked about each generated image", _positive, "> 0")
+    cp_valid_questions: int = _f(600, "study B validation questions (training side; model selection)",
+                                 _positive, "> 0")
+    cp_test_iid_questions: int = _f(1000, "study B in-distribution test questions (training side)", _positive, "> 0")
+    cp_test_questions: int = _f(1000, "study B shifted test questions (the test side of every question type)",
+                                _positive, "> 0")
+    pretrain_images: int = _f(3000, "captioned images with region labels for the stand-in pretraining (their own "
+                              "images: no study question is asked on them)", _positive, "> 0")
+    questions_per_image: int = _f(3, "questions asked about each study image", _positive, "> 0")
+    pretrain_questions_per_image: int = _f(3, "questions of the pretraining families per pretraining image "
+                                           "(0: no question answering in pretraining)", _non_negative, ">= 0")
+    pretrain_min_objects: int = _f(1, "fewest objects in a pretraining scene", _positive, "> 0")
+    pretrain_max_objects: int = _f(4, "most objects in a pretraining scene (pretraining images are simpler than the "
+                                   "studies': a tiny LXMERT learns to ground words in regions within a few thousand "
+                                   "steps on 1-3 objects, not on 3-6)", _positive, "> 0")
     num_regions: int = _f(8, "regions per image (objects + background), like detector boxes", _positive, "> 0")
     feat_dim: int = _f(64, "dimension D of each region feature", _positive, "> 0")
     min_objects: int = _f(2, "fewest objects in a scene", _positive, "> 0")
     max_objects: int = _f(5, "most objects in a scene", _positive, "> 0")
-    feature_noise: float = _f(0.3, "std of the Gaussian noise added to region features", _non_negative, ">= 0")
-    annotator_accuracy: float = _f(0.9, "probability that a simulated annotator gives the true answer",
-                                   lambda v: 0 < v <= 1, "in (0, 1]")
-    cp_skew: float = _f(0.9, "share of a question type's answers drawn from its 'train' half in the "
-                        "changing-priors train split (and from the other half at test)",
+    feature_noise: float = _f(0.5, "std of the Gaussian noise added to every region feature", _non_negative, ">= 0")
+    hard_questions: float = _f(0.25, "share of questions whose objects are partly hidden (their region features "
+                               "keep only part of the object's signal); annotators disagree more on them",
+                               lambda v: 0 <= v <= 1, "in [0, 1]")
+    hidden_visibility: float = _f(0.15, "signal left in a hidden object's region: drawn in [v/2, v]",
+                                  lambda v: 0 < v <= 1, "in (0, 1]")
+    annotator_accuracy: float = _f(0.95, "probability that a simulated annotator gives the true answer when the "
+                                   "question's objects are fully visible", lambda v: 0 < v <= 1, "in (0, 1]")
+    hard_accuracy: float = _f(0.4, "the same when they are hidden (linear in between)", lambda v: 0 < v <= 1,
+                              "in (0, 1]")
+    prior_exponent: float = _f(0.8, "Zipf exponent of the natural answer prior of each question type (seeded "
+                               "order of its answers)", _non_negative, ">= 0")
+    cp_test_share: float = _f(0.4, "changing priors (VQA-CP v2): each question type's (type, answer) groups are "
+                              "assigned greedily, in a seeded order, to the test side until it holds about this "
+                              "share of the type's natural mass; the rest form the training side",
+                              lambda v: 0 < v < 1, "in (0, 1)")
+    cp_skew: float = _f(0.8, "share of a (type, answer) group's questions that go to its own side; the rest go to "
+                        "the other side (so every answer of a type occurs in both, at low frequency on one)",
                         lambda v: 0.5 <= v < 1, "in [0.5, 1)")
 
 
@@ -106,7 +131,8 @@ class DataConfig:
                     "a split name that is not a test split (no 'test' in it, not ood_*)")
     test: list = _f(["test"], "question files evaluated with the selected model", _names, "a list of split names")
     ans2label: str = _f("trainval_ans2label.json", "answer vocabulary file in root")
-    max_seq_length: int = _f(20, "question tokens, [CLS] and [SEP] included", _positive, "> 0")
+    max_seq_length: int = _f(20, "question tokens, [CLS] and [SEP] included", lambda v: v >= 3,
+                             ">= 3 ([CLS], one word, [SEP])")
     num_workers: int = _f(0, "DataLoader worker processes (they share the memory-mapped store)",
                           _non_negative, ">= 0")
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig,
@@ -224,6 +250,29 @@ class DebiasConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """The embedded benchmark's stand-in for released LXMERT weights (lxmert/pretrain.py): LXMERT's own
+    pretraining tasks on the benchmark's pretraining images; real runs load released weights instead."""
+
+    export: str = _f("models/embedded_pretrain/encoder", "folder of the stand-in encoder (LxmertModel + tokenizer); "
+                     "the embedded configs read it as model.pretrained")
+    seed: int = _f(0, "seed of the stand-in pretraining", lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]")
+    epochs: int = _f(24, "pretraining epochs (the last one is exported; nothing is selected)", _positive, "> 0")
+    batch_size: int = _f(32, "pretraining batch size", _positive, "> 0")
+    lr: float = _f(1e-3, "peak learning rate (AdamW, linear warmup and decay)", _positive, "> 0")
+    warmup: float = _f(0.05, "warmup fraction of the steps", _fraction, "in [0, 1)")
+    dropout: float = _f(0.1, "dropout of the encoder during pretraining (fine-tuning uses model.dropout)", _fraction,
+                        "in [0, 1)")
+    init_std: float = _f(0.1, "std of the initial weights (transformers' initializer_range; its 0.02 is set for "
+                         "768-wide models and left the 64-wide stand-in's attention uniform for thousands of steps)",
+                         _positive, "> 0")
+    token_mask: float = _f(0.15, "share of caption tokens masked (masked language modelling)", _fraction, "in [0, 1)")
+    region_mask: float = _f(0.15, "share of regions masked (masked object prediction)", _fraction, "in [0, 1)")
+    held_out: float = _f(0.1, "share of the pretraining images only evaluated (reported, never selected on)",
+                         _fraction, "in [0, 1)")
+
+
+@dataclass
 class Config:
     experiment: str = _f("embedded", "name; outputs go to models/<name>, logs/<name>.log, result/<name>",
                          lambda v: bool(EXPERIMENT_NAME.match(v)),
@@ -237,6 +286,8 @@ class Config:
     lottery: LotteryConfig = field(default_factory=LotteryConfig, metadata={"help": "lottery tickets"})
     debias: DebiasConfig = field(default_factory=DebiasConfig, metadata={"help": "compress and debias"})
     blind_epochs: int = _f(8, "epochs of the question-only baseline", _positive, "> 0")
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig,
+                                     metadata={"help": "stand-in pretraining of the embedded benchmark"})
 
     @property
     def model_dir(self) -> Path:
@@ -277,6 +328,18 @@ def _yaml_float(text: str) -> Any:
         return text
 
 
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a value (YAML's .nan / .inf pass every range check written with < and >
+    as NaN does, or as an infinite learning rate would)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(x) for x in value)
+    if isinstance(value, dict):
+        return all(_finite(x) for x in value.values())
+    return True
+
+
 def _passes(check: Callable[[Any], bool], value: Any) -> bool:
     """A range check; a list with elements of the wrong type (a string among numbers) fails it."""
     try:
@@ -310,6 +373,8 @@ def _build(cls: type, values: dict, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: key '{key}' must be {want}, got {value!r}")
         if tp is float and isinstance(value, int):
             value = float(value)
+        if not _finite(value):
+            raise ConfigError(f"{source}: key '{key}' = {value!r} is not a finite number")
         check = f.metadata.get("check")
         if check is not None and value is not None and not _passes(check, value):
             raise ConfigError(f"{source}: key '{key}' = {value!r} is out of range: must be {f.metadata['rule']}")
@@ -384,7 +449,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def _cross_checks(config: Config, source: str) -> None:
-    emb = config.data.embedded
+    emb, d = config.data.embedded, config.data
     if emb.min_objects > emb.max_objects:
         raise ConfigError(f"{source}: key 'data.embedded.min_objects' ({emb.min_objects}) exceeds "
                           f"'data.embedded.max_objects' ({emb.max_objects})")
@@ -400,8 +465,24 @@ def _cross_checks(config: Config, source: str) -> None:
     if not config.debias.sparsities and not config.debias.modality_sparsities:
         raise ConfigError(f"{source}: keys 'debias.sparsities' and 'debias.modality_sparsities' are both empty: "
                           "stages 2 and 3 would be skipped")
-    if len(set(config.seeds)) != len(config.seeds):
-        raise ConfigError(f"{source}: key 'seeds' has repeated values: {config.seeds}")
+    if emb.pretrain_min_objects > emb.pretrain_max_objects or emb.pretrain_max_objects > emb.num_regions:
+        raise ConfigError(f"{source}: keys 'data.embedded.pretrain_min_objects' ({emb.pretrain_min_objects}) and "
+                          f"'data.embedded.pretrain_max_objects' ({emb.pretrain_max_objects}) must satisfy "
+                          f"min <= max <= data.embedded.num_regions ({emb.num_regions})")
+    db = config.debias
+    grids = {"seeds": config.seeds, "lottery.modes": config.lottery.modes, "debias.stage1_losses": db.stage1_losses,
+             "debias.stage2_losses": db.stage2_losses, "debias.sparsities": db.sparsities, "data.test": d.test,
+             "data.train": d.train,
+             "debias.modality_sparsities": [tuple(m[k] for k in MODALITIES) for m in db.modality_sparsities]}
+    for key, values in grids.items():
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"{source}: key '{key}' has repeated values: {', '.join(repeated)}")
+    for m in db.modality_sparsities:
+        if len(set(m.values())) == 1 and next(iter(m.values())) in db.sparsities:
+            raise ConfigError(f"{source}: key 'debias.modality_sparsities': {m} removes the same fraction of every "
+                              f"modality as the uniform sparsity {next(iter(m.values()))} in debias.sparsities "
+                              "(the same masks twice); drop one of them")
     d = config.data
     for name in [*d.train, *d.test]:
         if name == d.valid:

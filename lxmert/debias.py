@@ -205,6 +205,7 @@ class SeedStudy:
                 if out == "pruned.safetensors":
                     save_mask(folder / "mask.safetensors", masks.current_masks(), modalities)
                 save_tensors(folder / out, baked)
+        dist.barrier()  # the other ranks read these files next (stage 3)
 
     def stage3(self, s1: str, s2: str, tag: str, target: Target, name: str, folder: Path, before: int) -> None:
         dc, started = self.cfg.debias, time.time()
@@ -239,6 +240,9 @@ class SeedStudy:
         row = self._row(model, f"{s1}-{s2}", s1, s2, "control", 0.0, "full", run / "final" / "model.safetensors",
                         run / "best" / "model.safetensors", summary, name, started,
                         epochs=self.cfg.train.epochs + extra)
+        # The stage-2 rows (without stage 3) add only stage2_epochs: the control's validation accuracy after
+        # as many epochs is their same-compute point (its learning rate had not decayed yet by then).
+        row["valid_after_stage2_epochs"] = summary["history"][dc.stage2_epochs - 1]["valid"]["overall"]
         self._finish(folder / "result.json", row)
 
     def lottery(self, sparsity: float) -> None:

@@ -27,6 +27,7 @@ from .evaluation import accuracy, predict, predictions_json
 from .io import FileLock, InputError, atomic_folder, file_sha256, read_json, read_object, remove_temporaries, \
     save_tensors, write_json
 from .losses import make_loss, question_type_prior
+from .pretrain import ensure_pretrained
 from .modeling import VQAModel, build_model
 from .training import RunSpec, Trainer, load_weights, run_seed, seed_everything, setup_logging
 from .units import Unit, once, run_units
@@ -48,6 +49,7 @@ class Context:
         setup_logging(cfg)
         log.info("experiment %s: loading data from %s", cfg.experiment, cfg.data.root)
         data = load_data(cfg, log.info)
+        ensure_pretrained(cfg)  # the embedded benchmark's stand-in encoder, made once (lxmert/pretrain.py)
         check_data_fingerprint(cfg)
         return cls(cfg, data)
 
@@ -137,7 +139,9 @@ class Context:
 
         def make() -> None:
             sets = {name: self._dataset(name) for name in self.labelled}
-            write_json(path, train_blind(self.data.train, sets, len(self.data.tokenizer), seed, self.cfg.blind_epochs))
+            write_json(path, train_blind(self.data.train, sets, len(self.data.tokenizer), seed, self.cfg.blind_epochs,
+                                         loss=loss, prior=None if loss == "bce" else self.prior,
+                                         debias=self.cfg.debias))
 
         once(path.parent, covered, make, of=path.name)
         return dist.broadcast(read_json(path) if dist.is_main() else None)

@@ -334,8 +334,13 @@ class FileLock:
         return True
 
     def release(self) -> None:
+        import fcntl
+
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
+            # Unlock explicitly: a forked worker shares the open file description, and closing only this
+            # descriptor would leave the lock held until every copy is closed.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
             self.fd = None
 
     def __enter__(self) -> "FileLock":

@@ -94,9 +94,10 @@ class LMHLoss(nn.Module):
     averaged over batch x answers (A times weaker than a sum over answers):
         loss = mean_i sum_a -(y log p1 + (1 - y) log p0) + entropy_weight * mean_{i,a} H(q_ia),
     with H(q) = -(q1 log q1 + q0 log q0) the entropy of the renormalised bias pair q = softmax(bias pair).
-    Both reductions as in Clark et al.'s LearnedMixin (chrisc36/bottom-up-attention-vqa,
-    vqa_debias_loss_functions.py lines 121 and 180: `.sum(1).mean(0)` and `.sum(2).mean()`) and in
-    Si et al.'s copy (PhoebusSi/Compress-Robust-VQA, hg_transformers/vqa_debias_loss_functions.py line 194).
+    Both reductions as in Clark et al.'s LearnedMixin.forward (chrisc36/bottom-up-attention-vqa,
+    vqa_debias_loss_functions.py line 173 `.sum(1).mean(0)` and line 180 `.sum(2).mean()`) and in Si et al.'s
+    copy (PhoebusSi/Compress-Robust-VQA, hg_transformers/vqa_debias_loss_functions.py lines 181-184 and 194;
+    theirs also zeroes NaN rows of the BCE sum, which a finite loss never has).
     """
 
     def __init__(self, prior: torch.Tensor, hidden: int, entropy_weight: float = 0.36):

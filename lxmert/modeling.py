@@ -67,7 +67,8 @@ def _from_pretrained(cls, source: str, **overrides) -> nn.Module:
     except OSError as e:
         raise InputError(f"cannot load pretrained weights '{source}' (model.pretrained): {str(e).splitlines()[0]} "
                          "- see data/README.md for where to get them; the embedded benchmark's own encoder is "
-                         "made by run/configs/embedded_pretrain.yaml (bash run/vqa_run.bash does it first)") from None
+                         "made by python -m lxmert pretrain --config run/configs/embedded_pretrain.yaml (the embedded studies "
+                         "make it first)") from None
 
 
 def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:

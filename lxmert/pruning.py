@@ -116,10 +116,14 @@ SURVIVOR_ROUND = 0.1
 def survivor_counts(sizes: list[int], pruned: list[int], sparsity: float) -> list[int]:
     """Per-tensor pruned counts after the original's rounds (see SURVIVOR_ROUND), starting from `pruned`. The
     weights do not change between rounds, so the rounds remove each tensor's smallest weights up to these
-    counts. (The original's `<=` cutoff also removed ties and one weight more per round.)"""
+    counts. A round removes round(0.1 x survivors) + 1 weights of a tensor: the original's cutoff is the
+    survivor at index round(0.1 x survivors) of the sorted magnitudes and `<=` prunes it too (np.round, like
+    Python's round, rounds halves to even). Ties at the cutoff, which `<=` would also remove, have
+    probability zero for trained float weights and are not reproduced."""
     counts, total = list(pruned), sum(sizes)
     while sum(counts) < sparsity * total:
-        step = [int(round(SURVIVOR_ROUND * (n - c))) for n, c in zip(sizes, counts)]
+        step = [min(n - c, int(round(SURVIVOR_ROUND * (n - c))) + 1) if n > c else 0
+                for n, c in zip(sizes, counts)]
         if not any(step):
             break
         counts = [c + k for c, k in zip(counts, step)]

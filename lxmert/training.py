@@ -105,6 +105,21 @@ def _rng_state() -> dict:
     return state
 
 
+def _check_best(path: Path, epoch: int) -> None:
+    """best/ is written when an epoch beats the best so far, outside the checkpoint. A kill between the two
+    re-runs the epoch on resume, which rewrites best/ with the same weights (training is deterministic); if a
+    non-deterministic rerun did not (another best epoch, e.g. on a GPU without deterministic kernels), the
+    best-on-valid weights of this run are gone: refuse rather than report another epoch's weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        written = (f.metadata() or {}).get("epoch")
+    if written != str(epoch):
+        raise InputError(f"{path}: holds the weights of epoch {written}, but the run's best validation epoch is "
+                         f"{epoch} (a resumed run that did not repeat itself exactly); remove {path.parent.parent} "
+                         "to train it again")
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -177,6 +192,7 @@ class Trainer:
             remove_tree(old)
 
     def _resume(self) -> bool:
+        """Continue from the newest complete checkpoint (its files checked against its manifest)."""
         found = checkpoints(self.folder)
         if not found:
             return False
@@ -194,8 +210,9 @@ class Trainer:
         self.history, self.best = list(state["history"]), state["best"]
         self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
         _set_rng_state(state["rng"])
-        for old in found[:-1]:  # a kill between publishing a checkpoint and removing the older ones
-            remove_tree(old)
+        if dist.is_main():
+            for old in found[:-1]:  # a kill between publishing a checkpoint and removing the older ones
+                remove_tree(old)
         log.info("%s: resumed from %s at epoch %d, step %d", self.spec.tag, newest, self.epoch + 1, self.step)
         return True
 
@@ -240,13 +257,16 @@ class Trainer:
             if acc["overall"] > self.best:
                 self.best = acc["overall"]
                 if dist.is_main():
-                    save_tensors(self.folder / "best" / "model.safetensors", self.model.state_dict())
+                    save_tensors(self.folder / "best" / "model.safetensors", self.model.state_dict(),
+                                 metadata={"epoch": str(epoch + 1)})
             self.epoch, self.batch_in_epoch = epoch + 1, 0
             if self.epoch < self.spec.epochs:
                 self._save_checkpoint()
         best_epoch = max(self.history, key=lambda r: r["valid"]["overall"])
         summary = {"history": self.history, "final": self.history[-1]["valid"], "best": best_epoch["valid"],
                    "best_epoch": best_epoch["epoch"], "steps": self.step}
+        if dist.is_main():
+            _check_best(self.folder / "best" / "model.safetensors", best_epoch["epoch"])
         self._finish(summary)
         return summary
 

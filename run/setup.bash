@@ -49,22 +49,11 @@ else
 fi
 export PY
 
-# The embedded benchmark's stand-in for pretrained LXMERT weights (what unc-nlp/lxmert-base-uncased is
-# for real data): configs that start from data/embedded/pretrained get it made first, once, by
-# run/configs/embedded_pretrain.yaml (a few minutes on 2 CPU cores; resumable like every run).
-ensure_embedded_pretrained() {
-  if grep -qsE '^\s*pretrained:\s*data/embedded/pretrained\s*(#.*)?$' "$1" && [ ! -f data/embedded/pretrained/config.json ]; then
-    echo "setup: making the embedded benchmark's pretrained encoder (run/configs/embedded_pretrain.yaml)" >&2
-    "$PY" -m lxmert finetune --config run/configs/embedded_pretrain.yaml
-  fi
-}
-
 # Runs `python -m lxmert <command> --config $CONFIG "$@"`, on NPROC processes through torchrun when NPROC > 1.
 # The config and every override are checked first (a fraction of a second), before any other work.
 launch() {
   local command="$1"; shift
   "$PY" -m lxmert check --config "$CONFIG" "$@" >/dev/null || exit $?
-  ensure_embedded_pretrained "$CONFIG"
   if [ "${NPROC:-1}" -gt 1 ]; then
     exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m lxmert "$command" --config "$CONFIG" "$@"
   fi

@@ -19,8 +19,8 @@ os.environ["LXMERT_WORKERS"] = "1"  # in-process studies run as one process unle
 # Sizes chosen so that every split is small but all question types still occur, and the training
 # split (400) is a multiple of the batch size (32 does not divide it; 40 and 20 do).
 TINY_DATA = {"train_questions": 400, "valid_questions": 150, "test_questions": 150,
-             "cp_train_questions": 150, "cp_valid_questions": 150, "cp_test_questions": 150,
-             "pretrain_questions": 100,
+             "cp_train_questions": 150, "cp_valid_questions": 150, "cp_test_iid_questions": 150,
+             "cp_test_questions": 150, "pretrain_images": 60,
              "num_regions": 8, "feat_dim": 16, "min_objects": 2, "max_objects": 5}
 
 

@@ -197,3 +197,25 @@ def test_make_loss_uses_config():
         make_loss("focal", prior, 8, cfg)
     with pytest.raises(ValueError, match="prior"):
         make_loss("lpf", None, 8, cfg)
+
+
+def test_blind_baseline_trains_with_the_named_loss(tiny_data):
+    """The question-only row beside an LMH or LPF row is trained with that loss: LPF's reweighting and LMH's
+    prior ensemble give a blind model other predictions than BCE (same seed, data and schedule), and the
+    same loss twice gives the same numbers."""
+    from lxmert.blind import train_blind
+    from lxmert.losses import question_type_prior
+
+    train = tiny_data.train
+    sp = train.split
+    prior = question_type_prior(train.qtypes, (sp.label_ptr, sp.label_idx, sp.label_score),
+                                len(tiny_data.qtype_index) + 1, tiny_data.num_answers)
+    evals = {"minival": tiny_data.valid}
+    vocab = len(tiny_data.tokenizer)
+    runs = {loss: train_blind(train, evals, vocab, seed=0, epochs=2, loss=loss, prior=prior)
+            for loss in ("bce", "lmh", "lpf")}
+    assert runs["lpf"] == train_blind(train, evals, vocab, seed=0, epochs=2, loss="lpf", prior=prior)
+    scores = {loss: r["minival"]["overall"] for loss, r in runs.items()}
+    assert scores["lpf"] != scores["bce"] and scores["lmh"] != scores["bce"], scores
+    with pytest.raises(ValueError, match="prior"):
+        train_blind(train, evals, vocab, seed=0, epochs=1, loss="lpf", prior=None)
