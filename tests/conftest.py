@@ -6,13 +6,16 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-import torch
+
+# One intra-op thread, also in every process a test forks or starts (configure_workers keeps it): the
+# models are tiny, and on 2 shared cores a second OpenMP thread that waits for a busy core made training
+# steps up to 100x slower (two forked studies with two threads each ran the crash test ~5x slower).
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
 
 from lxmert.benchmark import ensure_embedded
 from lxmert.config import Config, EmbeddedConfig, load_config
 
-# One intra-op thread: the models are tiny, and on 2 shared cores a second OpenMP thread that waits
-# for a busy core made training steps up to 100x slower.
 torch.set_num_threads(1)
 os.environ["LXMERT_WORKERS"] = "1"  # in-process studies run as one process unless a test asks for workers
 
