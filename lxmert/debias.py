@@ -137,7 +137,7 @@ class SeedStudy:
         return {**self._stage1_settings(s1), **unit_settings(self.cfg, keys), "stage2_loss": s2}
 
     def _lottery_settings(self) -> dict:
-        keys = DATA_KEYS + model_keys() + TRAIN_KEYS + ["lottery.rewind_steps", "debias.prunable"]
+        keys = DATA_KEYS + model_keys() + TRAIN_KEYS + ["lottery.rewind_steps", "lottery.scope", "debias.prunable"]
         return unit_settings(self.cfg, keys, train__loss="bce")
 
     # -- the units ---------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class SeedStudy:
             mask = load_mask_for(level / "mask.safetensors", model, [t.name for t in prunable])
         else:
             mask = dist.broadcast(prune("low_magnitude", model, prunable, full_mask(model, prunable), sparsity,
-                                        "layer") if dist.is_main() else None)
+                                        self.cfg.lottery.scope) if dist.is_main() else None)
             if dist.is_main():
                 save_mask(level / "mask.safetensors", mask, {t.name: t.modality for t in prunable})
         rewind = (self.ctx.init_weights(self.seed) if self.cfg.lottery.rewind_steps == 0
@@ -275,7 +275,7 @@ class SeedStudy:
         row = self._row(model, "lottery", "bce", None, "lottery", sparsity, tag, run / "final" / "model.safetensors",
                         run / "best" / "model.safetensors", summary, name, started,
                         epochs=2 * self.cfg.train.epochs)
-        row["lottery"] = {"schedule": "oneshot", "scope": "layer", "rewind_steps": self.cfg.lottery.rewind_steps,
+        row["lottery"] = {"schedule": "oneshot", "scope": self.cfg.lottery.scope, "rewind_steps": self.cfg.lottery.rewind_steps,
                           "prune_from": "final"}
         self._finish(folder / "result.json", row)
 

@@ -93,6 +93,10 @@ def test_stage3_keeps_the_stage2_mask(study):
     lottery = next(r for r in result["rows"] if r["stage"] == "lottery")
     assert lottery["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert lottery["lottery"]["schedule"] == "oneshot"  # pruned once from the BCE model, whatever the config says
+    assert lottery["lottery"]["scope"] == "layer"  # the config's lottery.scope: every tensor pruned to the target
+    [path] = (_seed_dir(folder, "cp_tiny") / "lottery").rglob("mask.safetensors")
+    mask, _ = load_mask(path)
+    assert all(float((~m).float().mean()) == pytest.approx(0.5, abs=0.5 / m.numel() + 1e-6) for m in mask.values())
 
 
 def test_rerun_recomputes_nothing(study, monkeypatch):
