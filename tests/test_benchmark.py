@@ -223,3 +223,44 @@ def test_interrupted_regeneration_keeps_the_old_benchmark(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError):
         ensure_embedded(EmbeddedConfig(**SMALL), root, log=lambda _: None)
     assert _hashes(root) == before and [p.name for p in tmp_path.iterdir()] == ["e"]
+
+
+def _best_threshold_accuracy(x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of the best rule 'x >= t' or 'x < t' (one threshold fitted on the same questions)."""
+    return max(max(float(((x >= t) == y).mean()), float(((x < t) == y).mean())) for t in np.unique(x))
+
+
+def test_yes_no_answers_are_in_the_region_features(tmp_path):
+    """The yes/no questions can be answered from the inputs: one threshold on a projection of the regions
+    onto the generator's own prototypes beats the majority answer by a wide margin for every template (the
+    README cites this when it says the tiny encoder's fine-tune leaves them at their prior)."""
+    cfg = EmbeddedConfig(train_questions=900, valid_questions=30, test_questions=30, cp_train_questions=30,
+                         cp_valid_questions=30, cp_test_iid_questions=30, cp_test_questions=30, pretrain_images=30)
+    root = ensure_embedded(cfg, tmp_path / "embedded", log=lambda _: None)
+    gen = benchmark.Generator(cfg)
+    store = FeatureStore(root / "features")
+    feats, boxes = np.load(root / "features" / "features.npy"), np.load(root / "features" / "boxes.npy")
+    row = {img: i for i, img in enumerate(json.loads((root / "features" / "img_ids.json").read_text()))}
+    assert len(row) == len(store)
+    unit = {name: p / np.linalg.norm(p) for name, p in (*zip(benchmark.SHAPES, gen.p_shape),
+                                                         *zip(benchmark.COLORS, gen.p_color))}
+    cues = defaultdict(list)
+    for q in _questions(root, "train"):
+        answer = max(q["label"], key=q["label"].get)
+        if answer not in ("yes", "no"):
+            continue
+        words, f, b = q["sent"].rstrip("?").split(), feats[row[q["img_id"]]], boxes[row[q["img_id"]]]
+        if q["sent"].startswith("is there a"):  # one region must match both the colour and the shape
+            cue = float(np.minimum(f @ unit[words[3]], f @ unit[words[4]]).max())
+            cues["pair"].append((cue, answer == "yes"))
+        elif "left side" in q["sent"]:  # x-centre of the region most like the shape
+            r = int(np.argmax(f @ unit[words[2]]))
+            cues["left"].append((-(b[r, 0] + b[r, 2]) / 2, answer == "yes"))
+        else:  # "is the <colour> object large?": width of the region most like the colour
+            r = int(np.argmax(f @ unit[words[2]]))
+            cues["large"].append((b[r, 2] - b[r, 0], answer == "yes"))
+    assert set(cues) == {"pair", "left", "large"}
+    for name, pairs in cues.items():
+        x, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        majority = max(y.mean(), 1 - y.mean())
+        assert len(pairs) > 50 and _best_threshold_accuracy(x, y) > majority + 0.15, name
