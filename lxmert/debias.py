@@ -246,8 +246,9 @@ class SeedStudy:
         self._finish(folder / "result.json", row)
 
     def lottery(self, sparsity: float) -> None:
-        """Low-magnitude one-shot mask of the BCE stage-1 weights, rewound to the seed's initial weights
-        (or the captured early step) and retrained with the mask, BCE, stage-1 schedule."""
+        """Low-magnitude one-shot mask of the BCE stage-1 weights (lottery.scope: each tensor, one global
+        threshold or survivor rounds), rewound to the seed's initial weights (or the captured early step) and
+        retrained with the mask, BCE, stage-1 schedule."""
         tag = f"s{_pct(sparsity)}"
         name = self.name("lottery", tag)
         folder, started = self.ctx.unit_dir(name), time.time()
@@ -275,8 +276,8 @@ class SeedStudy:
         row = self._row(model, "lottery", "bce", None, "lottery", sparsity, tag, run / "final" / "model.safetensors",
                         run / "best" / "model.safetensors", summary, name, started,
                         epochs=2 * self.cfg.train.epochs)
-        row["lottery"] = {"schedule": "oneshot", "scope": self.cfg.lottery.scope, "rewind_steps": self.cfg.lottery.rewind_steps,
-                          "prune_from": "final"}
+        row["lottery"] = {"schedule": "oneshot", "scope": self.cfg.lottery.scope,
+                          "rewind_steps": self.cfg.lottery.rewind_steps, "prune_from": "final"}
         self._finish(folder / "result.json", row)
 
     # -- helpers ---------------------------------------------------------------------------------

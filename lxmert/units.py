@@ -52,6 +52,12 @@ class Unit:
     cleanup: tuple[Path, ...] = field(default=())  # other folders only this unit writes (predictions)
 
 
+# Keys a unit records only since a later version, with the value a unit recorded without them computed with
+# (so a study started before stays valid when its settings did not change): study B's lottery baseline pruned
+# each tensor to the target ('layer') before it honoured lottery.scope.
+RECORDED_SINCE = {"lottery.scope": "layer"}
+
+
 def check_settings(unit: Unit, experiment: str) -> None:
     """Refuse a unit whose recorded settings differ from the current ones, naming every changed key."""
     path = unit.folder / "settings.json"
@@ -60,6 +66,7 @@ def check_settings(unit: Unit, experiment: str) -> None:
     recorded = read_json(path, "unit settings")
     if not isinstance(recorded, dict):
         raise InputError(f"{path}: expected a JSON object of settings; remove {unit.folder} to recompute the unit")
+    recorded = {**{k: v for k, v in RECORDED_SINCE.items() if k in unit.settings}, **recorded}
     changed = sorted(k for k in set(recorded) | set(unit.settings) if recorded.get(k, "<unset>") !=
                      _plain(unit.settings.get(k, "<unset>")))
     if changed:

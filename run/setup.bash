@@ -44,8 +44,11 @@ else
     else
       # The CPU wheel from PyTorch's own CPU index (PyPI's Linux wheel of torch bundles CUDA libraries);
       # where that index cannot be reached, the same pinned version from the configured index.
-      "$PY" -m pip install -q --timeout 20 --retries 1 --index-url https://download.pytorch.org/whl/cpu \
-        "torch==2.13.0" >&2 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0" >&2
+      if ! "$PY" -m pip install -q --timeout 20 --retries 1 --index-url https://download.pytorch.org/whl/cpu \
+          "torch==2.13.0" >/dev/null 2>&1; then
+        echo "setup: PyTorch's CPU index cannot be reached; torch==2.13.0 from the configured index" >&2
+        "$PY" -m pip install -q "torch==2.13.0" >&2
+      fi
     fi
   fi
   "$PY" -m pip install -q -r "$ROOT/requirements.txt" >&2

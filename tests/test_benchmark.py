@@ -239,9 +239,6 @@ def test_yes_no_answers_are_in_the_region_features(tmp_path):
     root = ensure_embedded(cfg, tmp_path / "embedded", log=lambda _: None)
     gen = benchmark.Generator(cfg)
     store = FeatureStore(root / "features")
-    feats, boxes = np.load(root / "features" / "features.npy"), np.load(root / "features" / "boxes.npy")
-    row = {img: i for i, img in enumerate(json.loads((root / "features" / "img_ids.json").read_text()))}
-    assert len(row) == len(store)
     unit = {name: p / np.linalg.norm(p) for name, p in (*zip(benchmark.SHAPES, gen.p_shape),
                                                          *zip(benchmark.COLORS, gen.p_color))}
     cues = defaultdict(list)
@@ -249,7 +246,7 @@ def test_yes_no_answers_are_in_the_region_features(tmp_path):
         answer = max(q["label"], key=q["label"].get)
         if answer not in ("yes", "no"):
             continue
-        words, f, b = q["sent"].rstrip("?").split(), feats[row[q["img_id"]]], boxes[row[q["img_id"]]]
+        words, (f, b) = q["sent"].rstrip("?").split(), store.get(store.row(q["img_id"]))
         if q["sent"].startswith("is there a"):  # one region must match both the colour and the shape
             cue = float(np.minimum(f @ unit[words[3]], f @ unit[words[4]]).max())
             cues["pair"].append((cue, answer == "yes"))

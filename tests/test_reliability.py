@@ -513,6 +513,24 @@ def test_unit_cleans_only_its_own_folder_and_only_under_its_lock(tmp_path):
         other_process.release()
 
 
+def test_a_key_recorded_since_a_later_version_reads_as_its_old_value(tmp_path):
+    """A study-B lottery unit recorded before it honoured lottery.scope computed with 'layer': the same
+    setting now passes, another one is refused naming the key."""
+    from lxmert.errors import InputError
+    from lxmert.io import write_json
+    from lxmert.units import Unit, check_settings
+
+    write_json(tmp_path / "settings.json", {"train.lr": 0.1})
+    for scope, passes in (("layer", True), ("global", False)):
+        unit = Unit(name="seed_0/lottery/s50", folder=tmp_path, work=lambda: None, finished=lambda: False,
+                    settings={"train.lr": 0.1, "lottery.scope": scope})
+        if passes:
+            check_settings(unit, "x")
+        else:
+            with pytest.raises(InputError, match="lottery.scope 'layer' -> 'global'"):
+                check_settings(unit, "x")
+
+
 class _FullDisk(Exception):
     """What safetensors raises on a full disk (its error type is not an OSError)."""
 
