@@ -32,7 +32,7 @@ from lxmert.losses import BCELoss  # noqa: E402
 from lxmert.masks import MaskEnforcer, apply_mask  # noqa: E402
 from lxmert.masktrain import LearnedMasks, top_k_mask  # noqa: E402
 from lxmert.modeling import build_model, prunable_tensors  # noqa: E402
-from lxmert.training import _param_groups  # noqa: E402
+from lxmert.training import _param_groups, adamw  # noqa: E402
 
 CLIP = 5.0
 
@@ -116,7 +116,7 @@ class Step:
         else:
             named = list(self.model.named_parameters())
         self.params = [p for _, p in named]
-        self.optimizer = torch.optim.AdamW(_param_groups(named, 0.01), lr=1e-5, fused=device.type == "cuda")
+        self.optimizer = adamw(_param_groups(named, 0.01), 1e-5, device)
         self.model.train()
         self.forward = torch.compile(self._forward) if compile_ else self._forward
 

@@ -257,6 +257,7 @@ def _pretrain(cfg: Config) -> Path:
     from transformers import get_linear_schedule_with_warmup
 
     from .data import prepare_embedded
+    from .training import adamw
 
     if cfg.data.dataset != "embedded" or cfg.model.family != "lxmert":
         raise InputError("the stand-in pretraining is for the embedded benchmark with model.family=lxmert "
@@ -272,7 +273,7 @@ def _pretrain(cfg: Config) -> Path:
         model = build_model(cfg, data)
         per_epoch = len(train) + sum(len(data.questions[i]) for i in train)
         steps = math.ceil(per_epoch / pc.batch_size) * pc.epochs
-        optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=0.01)
+        optimizer = adamw(model.parameters(), pc.lr, torch.device("cpu"))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(pc.warmup * steps), steps)
         rng = np.random.default_rng([pc.seed, 1])
         history = []

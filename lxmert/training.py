@@ -94,8 +94,14 @@ def _optimizer(objective: _Objective, spec: RunSpec, cfg: Config, device: torch.
         named = [(n, p) for n, p in objective.named_parameters() if id(p) in ids]
     else:
         named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(_param_groups(named, cfg.train.weight_decay), lr=spec.lr, fused=fused)
+    return adamw(_param_groups(named, cfg.train.weight_decay), spec.lr, device)
+
+
+def adamw(params, lr: float, device: torch.device, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel on CPU and CUDA: one kernel for all tensors instead of a Python loop
+    over them (the tiny model has ~170 tensors: 0.9 instead of 4.2 ms a step on one CPU thread, about a
+    seventh of an embedded fine-tune step; bench/training.py). Same update rule, other rounding."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 def _rng_state() -> dict:
