@@ -3,9 +3,11 @@
     python -m bench.training [--sizes tiny,base] [--steps N] [--batch-size B] [--threads T] [--no-append]
 
 One step is what the trainer does per batch: forward, BCE (summed over answers, mean over the batch),
-backward, gradient clipping at 5.0, AdamW step (weight decay on matrices only), zero_grad.
+backward, gradient clipping at 5.0, fused AdamW step (weight decay on matrices only), zero_grad.
 Variants: CPU fp32; on CUDA fp32 and bf16 autocast, each eager and under torch.compile.
 Overheads against the plain step (same device, precision and batch):
+  - "AdamW unfused": the same step with AdamW's per-tensor Python loop (what the trainer used on CPU before
+    2026-12-06), to show what the fused kernel saves;
   - "mask enforcer": fixed masks at 50 % sparsity on the prunable set, pruned gradients zeroed before
     clipping and pruned weights zeroed after the optimizer step (lxmert.masks.MaskEnforcer, as the trainer);
   - "mask training": lxmert.masktrain.LearnedMasks at 50 % (weights frozen, scores + head trained, as
@@ -96,7 +98,8 @@ def half_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Step:
-    """One training step of a model; `variant` is plain, enforcer or masktrain."""
+    """One training step of a model; `variant` is plain, unfused (plain with AdamW's per-tensor loop instead of
+    the fused kernel the trainer uses), enforcer or masktrain."""
 
     def __init__(self, size: Size, device: torch.device, precision: str, compile_: bool, variant: str):
         self.device, self.precision = device, precision
@@ -116,7 +119,10 @@ class Step:
         else:
             named = list(self.model.named_parameters())
         self.params = [p for _, p in named]
-        self.optimizer = adamw(_param_groups(named, 0.01), 1e-5, device)
+        if variant == "unfused":
+            self.optimizer = torch.optim.AdamW(_param_groups(named, 0.01), lr=1e-5, foreach=False, fused=False)
+        else:
+            self.optimizer = adamw(_param_groups(named, 0.01), 1e-5, device)
         self.model.train()
         self.forward = torch.compile(self._forward) if compile_ else self._forward
 
@@ -226,13 +232,14 @@ def main() -> None:
             batch = args.batch_size or (size.gpu_batch if gpu else size.cpu_batch)
             steps = args.steps or (size.gpu_steps if gpu else size.cpu_steps)
             warmup = (args.warmup if args.warmup is not None else (3 if gpu else 1)) + (2 if compile_ else 0)
-            variants = ("plain", "enforcer", "masktrain") if not compile_ else ("plain",)
+            variants = ("plain", "unfused", "enforcer", "masktrain") if not compile_ else ("plain",)
             results = measure_group(size, device, precision, compile_, variants, batch, steps, warmup)
             plain = results["plain"]
             for variant, r in results.items():
                 overhead = "" if variant == "plain" else f"{100 * (r['step_ms'] / plain['step_ms'] - 1):+.1f}"
                 label = f"{device.type} {precision}{' compiled' if compile_ else ''}"
-                row = [size.name, label, {"plain": "plain step", "enforcer": "+ mask enforcer (50 %)",
+                row = [size.name, label, {"plain": "plain step", "unfused": "plain, AdamW unfused (loop)",
+                                          "enforcer": "+ mask enforcer (50 %)",
                                           "masktrain": "mask training (50 %)"}[variant],
                        batch, steps, f"{r['samples_s']:.1f}", f"{r['step_ms']:.1f}", f"{r['mean_ms']:.1f}", overhead,
                        f"{r['rss']:.2f}" if r["rss"] is not None else "-",

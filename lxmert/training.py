@@ -99,8 +99,8 @@ def _optimizer(objective: _Objective, spec: RunSpec, cfg: Config, device: torch.
 
 def adamw(params, lr: float, device: torch.device, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel on CPU and CUDA: one kernel for all tensors instead of a Python loop
-    over them (the tiny model has ~170 tensors: 0.9 instead of 4.2 ms a step on one CPU thread, about a
-    seventh of an embedded fine-tune step; bench/training.py). Same update rule, other rounding."""
+    over them (the embedded model has ~170 tensors; the unfused loop makes bench/training.py's tiny step
+    13 % slower on one CPU thread, docs/PERFORMANCE.md). Same update rule, other rounding."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
 
 

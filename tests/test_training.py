@@ -11,7 +11,7 @@ from lxmert.io import InputError, load_state, load_tensors, save_tensors
 from lxmert.masks import full_mask
 from lxmert.modeling import build_model, prunable_tensors
 from lxmert.pruning import prune
-from lxmert.training import (RunSpec, Trainer, TrainingDiverged, check_compatible, check_masked, checkpoints,
+from lxmert.training import (RunSpec, Trainer, adamw, TrainingDiverged, check_compatible, check_masked, checkpoints,
                              load_weights, run_summary)
 
 from conftest import tiny_config
@@ -248,3 +248,24 @@ def test_fresh_run_does_not_depend_on_what_the_process_ran_before(ctx, reference
     summary = Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
     assert _without_seconds(summary["history"]) == _without_seconds(ref_summary["history"])
     assert _same_weights(model, ref_model)
+
+
+def test_adamw_is_fused_on_cpu_and_follows_the_same_rule():
+    """The trainer's AdamW uses the fused kernel on CPU (one kernel instead of a per-tensor loop) and
+    updates weights as the loop does, to float rounding."""
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_(True) for w in weights]
+    before = [w.detach().clone() for w in weights]
+    fused = adamw([{"params": weights, "weight_decay": 0.01}], 1e-2, torch.device("cpu"))
+    loop = torch.optim.AdamW([{"params": twins, "weight_decay": 0.01}], lr=1e-2, foreach=False, fused=False)
+    assert fused.defaults["fused"] is True
+    for step in range(5):
+        for w, t in zip(weights, twins):
+            w.grad = torch.full_like(w, 0.1 * (step + 1)) + w.detach()
+            t.grad = torch.full_like(t, 0.1 * (step + 1)) + t.detach()
+        fused.step()
+        loop.step()
+    for w, t, b in zip(weights, twins, before):
+        assert (w - b).abs().min() > 1e-3  # every weight moved
+        torch.testing.assert_close(w, t, rtol=1e-5, atol=1e-6)
