@@ -65,8 +65,8 @@ def max_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def append(title: str, header: list[str], rows: list[list], notes: str = "") -> str:
-    """Print a Markdown table and append it, with the machine and date, to docs/PERFORMANCE.md."""
+def append(title: str, header: list[str], rows: list[list], notes: str = "", doc: Path = DOC) -> str:
+    """Print a Markdown table and append it, with the machine and date, to `doc` (docs/PERFORMANCE.md)."""
     lines = [f"### {title}", "", f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -74,7 +74,7 @@ def append(title: str, header: list[str], rows: list[list], notes: str = "") -> 
         lines += ["", notes]
     text = "\n".join(lines) + "\n"
     print(text)
-    DOC.parent.mkdir(exist_ok=True)
-    with open(DOC, "a") as fh:
+    doc.parent.mkdir(exist_ok=True)
+    with open(doc, "a") as fh:
         fh.write("\n" + text)
     return text
