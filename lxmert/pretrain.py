@@ -30,6 +30,7 @@ made with other settings.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -268,7 +269,14 @@ def _pretrain(cfg: Config) -> Path:
     order = np.random.default_rng([pc.seed, 0]).permutation(len(data))
     held = np.sort(order[: int(pc.held_out * len(data))])
     train = order[len(held):]
-    with torch.random.fork_rng(devices=[]):
+    threads = torch.get_num_threads()
+    # One intra-op thread whatever the machine's cores and the command: CPU sums are ordered by the thread
+    # count, and this small model's training amplifies such float differences (on 2 cores, the same
+    # settings on 2 threads ended at another held-out QA accuracy than on 1), so without it the
+    # `pretrain` command (all cores) and a study (cores / workers) would make different stand-ins that
+    # record the same settings. A second thread did not make it faster on the development box.
+    torch.set_num_threads(1)
+    with _restored_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(pc.seed)
         model = build_model(cfg, data)
         per_epoch = len(train) + sum(len(data.questions[i]) for i in train)
@@ -305,6 +313,14 @@ def _pretrain(cfg: Config) -> Path:
                                   "seconds": round(time.time() - started, 1)})
     log.info("exported the stand-in encoder to %s (%.0f s)", export, time.time() - started)
     return export
+
+
+@contextlib.contextmanager
+def _restored_threads(threads: int):
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def qa_head(cfg: Config, model) -> tuple[dict[str, torch.Tensor], list[str]]:

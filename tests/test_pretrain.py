@@ -74,3 +74,20 @@ def test_study_loads_the_export_and_refuses_other_settings(standin, embedded_roo
     other = _config(embedded_root, export, **{"pretrain.lr": 0.002})
     with pytest.raises(InputError, match=r"pretrain\.lr"):
         pretrain.ensure_pretrained(other)
+
+
+def test_standin_does_not_depend_on_the_callers_thread_count(standin, embedded_root, tmp_path):
+    """The pretraining pins one intra-op thread, so the `pretrain` command (all cores) and a study (cores
+    divided among workers) make the same encoder; the caller's thread count is restored afterwards."""
+    cfg, export = standin
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        other = tmp_path / "encoder"
+        pretrain.ensure_pretrained(_config(embedded_root, other))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    ours, theirs = load_tensors(export / "model.safetensors"), load_tensors(other / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
