@@ -271,10 +271,9 @@ def _pretrain(cfg: Config) -> Path:
     train = order[len(held):]
     threads = torch.get_num_threads()
     # One intra-op thread whatever the machine's cores and the command: CPU sums are ordered by the thread
-    # count, and this small model's training amplifies such float differences (on 2 cores, the same
-    # settings on 2 threads ended at another held-out QA accuracy than on 1), so without it the
-    # `pretrain` command (all cores) and a study (cores / workers) would make different stand-ins that
-    # record the same settings. A second thread did not make it faster on the development box.
+    # count and training carries such float differences on, so without it the `pretrain` command (all
+    # cores) and a study (cores / workers) made different stand-ins that record the same settings
+    # (tests/test_pretrain.py). A second thread did not make it faster on the development box.
     torch.set_num_threads(1)
     with _restored_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(pc.seed)
