@@ -132,8 +132,9 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true", help=f"print only, do not append to docs/{DOC}")
     args = parser.parse_args()
     unknown = [r for r in args.runs.split(",") if r not in RUNS]
-    if unknown or args.steps < args.every:
-        parser.error(f"unknown run(s) {unknown} (known: {', '.join(RUNS)})" if unknown else "--steps < --every")
+    if unknown or not 0 < args.every <= args.steps or args.questions < 32:
+        parser.error(f"unknown run(s) {unknown} (known: {', '.join(RUNS)})" if unknown else
+                     "need 0 < --every <= --steps and --questions >= 32")
     torch.set_num_threads(args.threads)
     rows, seconds = [], {}
     with tempfile.TemporaryDirectory() as tmp:

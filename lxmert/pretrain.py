@@ -269,13 +269,7 @@ def _pretrain(cfg: Config) -> Path:
     order = np.random.default_rng([pc.seed, 0]).permutation(len(data))
     held = np.sort(order[: int(pc.held_out * len(data))])
     train = order[len(held):]
-    threads = torch.get_num_threads()
-    # One intra-op thread whatever the machine's cores and the command: CPU sums are ordered by the thread
-    # count and training carries such float differences on, so without it the `pretrain` command (all
-    # cores) and a study (cores / workers) made different stand-ins that record the same settings
-    # (tests/test_pretrain.py). A second thread did not make it faster on the development box.
-    torch.set_num_threads(1)
-    with _restored_threads(threads), torch.random.fork_rng(devices=[]):
+    with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(pc.seed)
         model = build_model(cfg, data)
         per_epoch = len(train) + sum(len(data.questions[i]) for i in train)
@@ -315,7 +309,13 @@ def _pretrain(cfg: Config) -> Path:
 
 
 @contextlib.contextmanager
-def _restored_threads(threads: int):
+def _one_thread():
+    """One intra-op thread inside, the caller's count restored after. CPU sums are ordered by the thread
+    count and training carries such float differences on, so without it the `pretrain` command (all cores)
+    and a study (cores / workers) made different stand-ins that record the same settings
+    (tests/test_pretrain.py). A second thread did not make it faster on the development box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
