@@ -29,7 +29,7 @@ import torch
 
 from .answers import AnswerVocab, normalize_answer
 from .io import InputError, atomic_folder, exit_code, read_json, refuse_existing, save_tensors, write_json
-from .modeling import HEAD_FILE, answer_head
+from .modeling import HEAD_FILE, answer_head, head_metadata
 
 ENCODER_PREFIX = "bert."
 HEAD_PREFIX = "answer_head.logit_fc."
@@ -254,7 +254,7 @@ def convert(checkpoint: str | Path, answers: str | Path, out: str | Path,
                      pretrained_answers=pretrained_answers, seed=seed)
     with atomic_folder(out, overwrite) as tmp:
         encoder.save_pretrained(tmp)
-        save_tensors(tmp / HEAD_FILE, head, metadata={"num_answers": str(len(vocab))})
+        save_tensors(tmp / HEAD_FILE, head, metadata=head_metadata(vocab.label2ans))
         write_json(tmp / "conversion.json", report)
     log(f"encoder: {len(ckpt.encoder)} tensors -> {out}; dropped {len(ckpt.dropped)} pretraining-head tensors")
     if names is not None:  # the original's own report (load_lxmert_qa)

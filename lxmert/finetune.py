@@ -96,7 +96,7 @@ class Context:
         """A fresh model; its initialisation depends on the seed only."""
         seed_everything(seed)
         return build_model(self.cfg.model, len(self.data.tokenizer), self.data.store.feat_dim,
-                           self.data.num_answers).to(dist.device())
+                           self.data.num_answers, answers=self.data.vocab.label2ans).to(dist.device())
 
     def init_weights(self, seed: int) -> Path:
         """models/<exp>/seed_<s>/init.safetensors, the weights before any training (made once)."""

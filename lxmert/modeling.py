@@ -6,6 +6,8 @@ modality (language / vision / cross / pooler / head) each belongs to.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,13 @@ MODALITIES = ("language", "vision", "cross", "pooler", "head")
 
 
 HEAD_FILE = "head.safetensors"  # the QA head lxmert.convert writes beside the encoder
+
+
+def head_metadata(label2ans: Sequence[str]) -> dict[str, str]:
+    """What a QA head file records of the answer vocabulary its rows are ordered by: row i scores
+    label2ans[i], so a head only fits data with the same answers in the same order."""
+    digest = hashlib.sha256(json.dumps(list(label2ans)).encode()).hexdigest()
+    return {"num_answers": str(len(label2ans)), "answers_sha256": digest}
 
 
 def answer_head(hidden: int, num_answers: int) -> nn.Sequential:
@@ -99,8 +108,10 @@ _SAID_RANDOM: set[str] = set()
 _SAID_NO_HEAD: set[str] = set()
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: int) -> VQAModel:
-    """Build the model; call under a seeded RNG so initialisation is reproducible."""
+def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: int,
+                answers: Optional[Sequence[str]] = None) -> VQAModel:
+    """Build the model; call under a seeded RNG so initialisation is reproducible. `answers` (label2ans of
+    the data) lets a pretrained QA head be checked against the answer order it was built for."""
     model = VQAModel(_encoder(cfg, vocab_size, feat_dim), cfg.family, num_answers)
     if cfg.pretrained:
         expected = model.encoder.config.visual_feat_dim if cfg.family == "lxmert" else \
@@ -108,11 +119,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: i
         if expected != feat_dim:
             raise InputError(f"pretrained model {cfg.pretrained} expects {expected}-d region features, "
                              f"the feature store has {feat_dim}")
-        _load_pretrained_head(model, Path(cfg.pretrained) / HEAD_FILE)
+        _load_pretrained_head(model, Path(cfg.pretrained) / HEAD_FILE, answers)
     return model
 
 
-def _load_pretrained_head(model: VQAModel, path: Path) -> None:
+def _load_pretrained_head(model: VQAModel, path: Path, answers: Optional[Sequence[str]] = None) -> None:
     """A pretrained folder written by lxmert.convert holds the QA head initialised from the release's
     head by answer string (study A's starting point, hence its rewind point); load it when present."""
     from .io import load_tensors
@@ -126,6 +137,8 @@ def _load_pretrained_head(model: VQAModel, path: Path) -> None:
                         "release model_LXRT.pth with python -m lxmert.convert and set model.pretrained to its "
                         "output for that rewind point (data/README.md)", path.parent)
         return
+    if answers is not None:
+        _check_head_answers(path, answers)
     state = {k.removeprefix("head."): v for k, v in load_tensors(path).items()}
     own = model.head.state_dict()
     wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
@@ -133,6 +146,26 @@ def _load_pretrained_head(model: VQAModel, path: Path) -> None:
         raise InputError(f"{path}: QA head does not fit this model (keys {sorted(state)} vs {sorted(own)}, "
                          f"shapes file vs model {wrong}); was it converted with this answer vocabulary?")
     model.head.load_state_dict(state)
+
+
+def _check_head_answers(path: Path, answers: Sequence[str]) -> None:
+    """Refuse a head whose rows follow another answer vocabulary: with as many answers it would load and
+    silently score every answer with another answer's row. Heads written before the digest was recorded
+    cannot be checked (a warning says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get("answers_sha256")
+    except Exception:  # unreadable: load_tensors gives the clear error
+        return
+    if recorded is None:
+        log.warning("%s records no answer vocabulary: it cannot be checked against the data's; make it again "
+                    "(python -m lxmert.convert, or remove a stand-in encoder folder) to have it checked", path)
+    elif recorded != head_metadata(answers)["answers_sha256"]:
+        raise InputError(f"{path}: QA head built for another answer vocabulary (other answers or another order) "
+                         f"than the data's {len(answers)} answers; make it again with this data's "
+                         f"trainval_ans2label.json (python -m lxmert.convert, or remove the stand-in encoder folder)")
     log.info("loaded the pretrained QA head from %s", path)
 
 

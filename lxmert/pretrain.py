@@ -46,7 +46,7 @@ from .benchmark import COLORS, PRETRAIN_ANSWERS, PRETRAIN_ATTRIBUTES, PRETRAIN_O
 from .config import Config, unit_settings
 from .errors import InputError
 from .io import FileLock, atomic_folder, read_json, remove_temporaries, save_tensors, write_json
-from .modeling import HEAD_FILE
+from .modeling import HEAD_FILE, head_metadata
 
 log = logging.getLogger("lxmert")
 
@@ -295,11 +295,11 @@ def _pretrain(cfg: Config) -> Path:
             log.info("stand-in pretraining | epoch %d/%d | loss %.4f | held out: %s", epoch + 1, pc.epochs,
                      history[-1]["loss"], ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
     export = Path(pc.export)
-    head, copied = qa_head(cfg, model)
+    head, copied, answers = qa_head(cfg, model)
     with atomic_folder(export, overwrite=True) as tmp:
         model.lxmert.save_pretrained(str(tmp))
         data.tokenizer.save_pretrained(str(tmp))
-        save_tensors(tmp / HEAD_FILE, head, metadata={"num_answers": str(len(head["head.3.bias"]))})
+        save_tensors(tmp / HEAD_FILE, head, metadata=head_metadata(answers))
         write_json(tmp / RECORD, {"settings": settings(cfg), "history": history,
                                   "images": {"train": len(train), "held_out": len(held)},
                                   "qa_head_answers_copied": copied,
@@ -322,10 +322,11 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def qa_head(cfg: Config, model) -> tuple[dict[str, torch.Tensor], list[str]]:
+def qa_head(cfg: Config, model) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """The study's QA head as the original fine-tuning builds it from the release (load_lxmert_qa;
     lxmert/convert.py build_head): hidden layers from the pretraining QA head, each study answer's output row
-    and bias copied from the pretraining row of the same answer, zero for answers pretraining never gave."""
+    and bias copied from the pretraining row of the same answer, zero for answers pretraining never gave.
+    Returns the head, the answers copied and the study's answers in row order (label2ans)."""
     from .answers import AnswerVocab
     from .convert import HEAD_LAYERS, HEAD_PREFIX, Checkpoint, build_head
 
@@ -339,7 +340,7 @@ def qa_head(cfg: Config, model) -> tuple[dict[str, torch.Tensor], list[str]]:
     head, copied = build_head(ckpt, cfg.model.hidden_size, vocab, list(PRETRAIN_ANSWERS), cfg.pretrain.seed)
     log.info("QA head: %d of %d study answers copied from the pretraining QA head, the others start at zero",
              len(copied), len(vocab))
-    return head, copied
+    return head, copied, vocab.label2ans
 
 
 def record(cfg: Config) -> Optional[dict]:

@@ -7,7 +7,7 @@ from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel
 
 from lxmert.config import ModelConfig
 from lxmert.convert import convert, main
-from lxmert.io import InputError, load_tensors
+from lxmert.io import InputError, load_tensors, save_tensors
 from lxmert.modeling import build_model
 
 from pathlib import Path
@@ -91,6 +91,25 @@ def test_converted_folder_builds_the_project_model(release, tmp_path):
              "visual_feats": torch.randn(1, 4, 128), "visual_pos": torch.rand(1, 4, 4)}
     logits, _ = model.eval()(batch)
     assert logits.shape == (1, len(PROJECT_ANSWERS))
+
+
+def test_head_built_for_another_answer_order_is_refused(release, tmp_path, caplog):
+    """Same number of answers, another order: the head's shapes fit, and without the recorded vocabulary
+    digest every answer would silently be scored with another answer's row."""
+    folder, _ = release
+    _convert(release, tmp_path / "out", pretrained_answers=folder / "all_ans.json", num_attention_heads=2)
+    cfg = ModelConfig(pretrained=str(tmp_path / "out"))
+    model = build_model(cfg, 300, 128, len(PROJECT_ANSWERS), answers=PROJECT_ANSWERS)  # its own order: loads
+    torch.testing.assert_close(model.head[3].bias, load_tensors(tmp_path / "out/head.safetensors")["head.3.bias"])
+    swapped = [PROJECT_ANSWERS[1], PROJECT_ANSWERS[0], *PROJECT_ANSWERS[2:]]
+    with pytest.raises(InputError, match="head.safetensors: QA head built for another answer vocabulary"):
+        build_model(cfg, 300, 128, len(PROJECT_ANSWERS), answers=swapped)
+    # a head written before the digest was recorded loads, with a warning that it was not checked
+    head = load_tensors(tmp_path / "out/head.safetensors")
+    save_tensors(tmp_path / "out/head.safetensors", head, metadata={"num_answers": str(len(PROJECT_ANSWERS))})
+    with caplog.at_level("WARNING"):
+        build_model(cfg, 300, 128, len(PROJECT_ANSWERS), answers=swapped)
+    assert "records no answer vocabulary" in caplog.text
 
 
 def test_original_answer_conversion_rule():
