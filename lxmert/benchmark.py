@@ -19,7 +19,10 @@ Soft labels come from ten simulated annotators (soft score 0.3/0.6/0.9/1.0 for 1
 annotator's accuracy depends on the question: high when its objects are visible, low when they are hidden,
 with some spread between annotators. A correct annotator sometimes uses a synonym ("ball" for sphere); a
 wrong one mostly names a near answer (a similar colour or shape, a count off by one, the neighbouring
-size), sometimes another answer of the type, rarely something off-type ("not sure").
+size), sometimes another answer of the type, rarely something off-type: any of the benchmark's answers
+outside the question's own (and their synonyms) or "not sure" / "unknown" / "nothing", drawn uniformly, so
+that no single off-type answer takes a real share of a type's prior (in VQA, too, off-type answers are a
+long tail of different strings).
 
 Splits, on disjoint images:
   pretrain                 captioned images with per-region shape / colour-size labels, for the stand-in
@@ -49,7 +52,7 @@ from .errors import InputError
 from .features import StoreWriter
 from .io import atomic_folder, write_json
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SHAPES = ["cube", "sphere", "cylinder", "cone", "torus", "pyramid", "ring", "star"]
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
 SIZES = ["small", "medium", "large"]
@@ -63,6 +66,9 @@ COLOR_FAMILIES = [["red", "orange", "yellow"], ["green", "blue", "purple"], ["wh
 SHAPE_FAMILIES = [["cube", "cylinder", "pyramid"], ["sphere", "torus", "ring"], ["cone", "star"]]
 SYNONYMS = {"sphere": "ball", "cube": "box", "large": "big", "small": "little", "torus": "donut"}
 OFF_TYPE = ["not sure", "unknown", "nothing"]
+# Every answer the benchmark's annotators can give: an off-type mistake is any of them outside the question's
+# own answers (and their synonyms), so no single off-type answer gets a real share of any type's prior.
+EVERY_ANSWER = [*SHAPES, *COLORS, *SIZES, *COUNTS, *YES_NO, *SYNONYMS.values(), *OFF_TYPE]
 # Split name -> (EmbeddedConfig field with its size, the prior its answers are drawn from).
 STUDY_SPLITS = {
     "train": ("train_questions", "natural"), "minival": ("valid_questions", "natural"),
@@ -490,7 +496,9 @@ class Generator:
     def _mistake(truth: str, t: Template, rng: np.random.Generator) -> str:
         roll = rng.random()
         if roll < 0.1:
-            return OFF_TYPE[_pick(rng, len(OFF_TYPE))]
+            own = set(t.answers) | {SYNONYMS[a] for a in t.answers if a in SYNONYMS}
+            off = [a for a in EVERY_ANSWER if a not in own]
+            return off[_pick(rng, len(off))]
         if roll < 0.7:
             near = _near(truth)
             return near[_pick(rng, len(near))]

@@ -260,7 +260,7 @@ class PretrainConfig:
     epochs: int = _f(24, "pretraining epochs (the last one is exported; nothing is selected)", _positive, "> 0")
     batch_size: int = _f(32, "pretraining batch size", _positive, "> 0")
     lr: float = _f(1e-3, "peak learning rate (AdamW, linear warmup and decay)", _positive, "> 0")
-    warmup: float = _f(0.05, "warmup fraction of the steps", _fraction, "in [0, 1)")
+    warmup: float = _f(0.2, "warmup fraction of the steps", _fraction, "in [0, 1)")
     dropout: float = _f(0.1, "dropout of the encoder during pretraining (fine-tuning uses model.dropout)", _fraction,
                         "in [0, 1)")
     init_std: float = _f(0.1, "std of the initial weights (transformers' initializer_range; its 0.02 is set for "

@@ -261,3 +261,19 @@ def test_yes_no_answers_are_in_the_region_features(tmp_path):
         x, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
         majority = max(y.mean(), 1 - y.mean())
         assert len(pairs) > 50 and _best_threshold_accuracy(x, y) > majority + 0.15, name
+
+
+def test_off_type_mistakes_are_a_thin_long_tail():
+    """An annotator's off-type mistake is any answer outside the question's own (and their synonyms), drawn
+    uniformly: concentrated on three strings, each of them took a prior of about 0.02 in every question
+    type (a mid-frequency answer of every type, which LMH's learned mixin then ranked above the real
+    answers at test time)."""
+    rng = np.random.default_rng(0)
+    for t in benchmark.TEMPLATES:
+        own = set(t.answers) | {benchmark.SYNONYMS[a] for a in t.answers if a in benchmark.SYNONYMS}
+        truth = t.answers[0]
+        given = Counter(benchmark.Generator._mistake(truth, t, rng) for _ in range(20_000))
+        off = {a: n for a, n in given.items() if a not in own}
+        assert set(off) == set(benchmark.EVERY_ANSWER) - own, t.qtype  # every other answer, nothing else
+        assert 0.08 < sum(off.values()) / 20_000 < 0.12, t.qtype  # a tenth of the mistakes
+        assert max(off.values()) / 20_000 < 0.01, (t.qtype, off)  # none of them more than 1 % of mistakes
