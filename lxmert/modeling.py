@@ -106,6 +106,7 @@ def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
 
 _SAID_RANDOM: set[str] = set()
 _SAID_NO_HEAD: set[str] = set()
+_SAID_UNCHECKED: set[str] = set()  # heads without an answer digest, warned about once per process
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: int,
@@ -160,6 +161,9 @@ def _check_head_answers(path: Path, answers: Sequence[str]) -> None:
     except Exception:  # unreadable: load_tensors gives the clear error
         return
     if recorded is None:
+        if str(path) in _SAID_UNCHECKED:
+            return
+        _SAID_UNCHECKED.add(str(path))
         log.warning("%s records no answer vocabulary: it cannot be checked against the data's; make it again "
                     "(python -m lxmert.convert, or remove a stand-in encoder folder) to have it checked", path)
     elif recorded != head_metadata(answers)["answers_sha256"]:
