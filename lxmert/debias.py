@@ -23,7 +23,8 @@ models/<exp>/seed_<s>/
                                             best_pruned.safetensors, result.json), stage3/ (run/, result.json)
     control_<s1>-<s2>/                      unit: run/ + result.json
     lottery/<sparsity>/                     unit: level_<pct>/ (mask, run/, result.json) + result.json
-result/<exp>/debias.json, debias_table.{md,png}, debias_<split>.png, predictions/<unit>/[<stage>/]<split>.json
+result/<exp>/debias.json, debias_table.{md,png}, debias_answer_types.{md,png}, debias_<split>.png,
+predictions/<unit>/[<stage>/]<split>.json
 <sparsity> is s50 for a uniform 0.5 and l70-v70-x70-p70 for per-modality values (percent removed).
 """
 from __future__ import annotations
@@ -374,6 +375,12 @@ def run_debias(cfg: Config) -> Optional[dict]:
 STAGE_ORDER = {"full": 0, "control": 1, "stage2": 2, "stage3": 3, "lottery": 4}
 
 
+def _ordered_groups(result: dict) -> list[tuple[tuple, list[dict]]]:
+    """The groups in table order: full models first, then by setting and stage."""
+    return sorted(_groups(result["rows"]).items(), key=lambda kv: (STAGE_ORDER[kv[0][1]] if kv[0][1] == "full"
+                                                                  else 1, kv[0][0], STAGE_ORDER[kv[0][1]]))
+
+
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows of the same (setting, stage, sparsity) over seeds, full models first."""
     out: dict[tuple, list[dict]] = defaultdict(list)
@@ -393,9 +400,19 @@ def _report_splits(result: dict) -> list[str]:
 
 def _overall(accuracies: dict, split: str) -> float:
     """Overall accuracy of one split of a row's accuracies; the OOD mean is computed from its parts."""
+    return _accuracy(accuracies, split, "overall")
+
+
+def _accuracy(accuracies: dict, split: str, kind: str) -> Optional[float]:
+    """Accuracy `kind` (overall or an answer type) of one split; None where the split has no such question.
+    The OOD mean is the mean of its parts."""
     if split == OOD_MEAN:
-        return float(np.mean([v["overall"] for k, v in accuracies.items() if k.startswith(OOD_PREFIX)]))
-    return accuracies[split]["overall"]
+        parts = [v.get(kind) for k, v in accuracies.items() if k.startswith(OOD_PREFIX)]
+        return None if None in parts else float(np.mean(parts))
+    return accuracies[split].get(kind)
+
+
+ANSWER_TYPES = ("yes/no", "number", "other")
 
 
 def _target_text(target: Target) -> str:
@@ -420,9 +437,7 @@ def debias_table(result: dict) -> tuple[list[str], list[list[str]]]:
     header = ["setting", "stage", "epochs", "target sparsity %", "measured %", valid]
     header += [f"{t} {kind}" for t in tests for kind in ("final", "best")]
     body = []
-    groups = sorted(_groups(result["rows"]).items(), key=lambda kv: (STAGE_ORDER[kv[0][1]] if kv[0][1] == "full"
-                                                                    else 1, kv[0][0], STAGE_ORDER[kv[0][1]]))
-    for (setting, stage, _), group in groups:
+    for (setting, stage, _), group in _ordered_groups(result):
         line = [setting, stage, str(group[0]["epochs"]), _target_text(group[0]["target_sparsity"]),
                 f"{100 * np.mean([r['measured_sparsity'] for r in group]):.2f}", mean_std([r["valid"] for r in group])]
         line += [mean_std([_overall(r[kind], t) for r in group]) for t in tests for kind in ("final", "best")]
@@ -431,6 +446,22 @@ def debias_table(result: dict) -> tuple[list[str], list[list[str]]]:
         body.append([f"question-only {loss}", "-", "-", "-", "-", mean_std([_overall(a, valid) for a in accs])]
                     + [mean_std([_overall(a, t) for a in accs]) if kind == "final" else "-"
                        for t in tests for kind in ("final", "best")])
+    return header, body
+
+
+def answer_type_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Final accuracy per answer type, mean ± std over seeds, of every setting and of the question-only model
+    of each loss: where a method's gain or loss under the shift comes from."""
+    tests = _report_splits(result)
+    header = ["setting", "stage", "target sparsity %"] + [f"{t} {a}" for t in tests for a in ANSWER_TYPES]
+
+    def cells(accs: list[dict]) -> list[str]:
+        values = [[_accuracy(a, t, kind) for a in accs] for t in tests for kind in ANSWER_TYPES]
+        return ["-" if None in v else mean_std(v) for v in values]
+
+    body = [[setting, stage, _target_text(group[0]["target_sparsity"])] + cells([r["final"] for r in group])
+            for (setting, stage, _), group in _ordered_groups(result)]
+    body += [[f"question-only {loss}", "-", "-"] + cells(accs) for loss, accs in blind_rows(result).items()]
     return header, body
 
 
@@ -488,6 +519,9 @@ def write_debias(cfg: Config, result: dict) -> None:
     write_table(header, body, out / "debias_table.md", out / "debias_table.png",
                 f"{cfg.experiment}: accuracy (%), {seeds_text(result['seeds'])}; models selected on "
                 f"{result['valid_split']}; epochs = all training epochs behind the row")
+    header, body = answer_type_table(result)
+    write_table(header, body, out / "debias_answer_types.md", out / "debias_answer_types.png",
+                f"{cfg.experiment}: final accuracy (%) by answer type, {seeds_text(result['seeds'])}")
     for split in _report_splits(result):
         plot_debias(result, split, out / f"debias_{split}.png")
 
