@@ -229,8 +229,6 @@ def _count_templates() -> list[Template]:
 
 
 def _attribute_templates() -> list[Template]:
-    S, C, Z = len(SHAPES), len(COLORS), len(SIZES)
-
     def described(attr: str, names: list[str], by: str):
         """The `attr` of the one object with the given value of attribute `by`."""
         def answer(sc, p):

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .answers import AnswerVocab, normalize_answer
+from .answers import AnswerVocab
 from .io import InputError, atomic_folder, exit_code, read_json, refuse_existing, save_tensors, write_json
 from .modeling import HEAD_FILE, answer_head, head_metadata
 

@@ -41,11 +41,11 @@ from . import distributed as dist
 from .config import DATA_KEYS, MODALITIES, TRAIN_KEYS, Config, level_name, model_keys, unit_settings
 from .data import BatchSampler
 from .finetune import Context, dense, dense_settings, tables_lock, train_run
-from .io import read_json, read_object, save_tensors, write_json
+from .io import read_object, save_tensors, write_json
 from .masks import apply_mask, fractions, full_mask, load_mask_for, measure_weights, save_mask
 from .masktrain import LearnedMasks
 from .modeling import VQAModel, prunable_tensors
-from .plots import mean_std, seeds_text
+from .plots import ANSWER_TYPES, mean_std, mean_std_cell, seeds_text
 from .pruning import prune
 from .training import RunSpec, load_weights, metrics_log, run_summary
 from .units import Unit, run_units
@@ -412,8 +412,6 @@ def _accuracy(accuracies: dict, split: str, kind: str) -> Optional[float]:
     return accuracies[split].get(kind)
 
 
-ANSWER_TYPES = ("yes/no", "number", "other")
-
 
 def _target_text(target: Target) -> str:
     if isinstance(target, dict):
@@ -456,8 +454,7 @@ def answer_type_table(result: dict) -> tuple[list[str], list[list[str]]]:
     header = ["setting", "stage", "target sparsity %"] + [f"{t} {a}" for t in tests for a in ANSWER_TYPES]
 
     def cells(accs: list[dict]) -> list[str]:
-        values = [[_accuracy(a, t, kind) for a in accs] for t in tests for kind in ANSWER_TYPES]
-        return ["-" if None in v else mean_std(v) for v in values]
+        return [mean_std_cell([_accuracy(a, t, kind) for a in accs]) for t in tests for kind in ANSWER_TYPES]
 
     body = [[setting, stage, _target_text(group[0]["target_sparsity"])] + cells([r["final"] for r in group])
             for (setting, stage, _), group in _ordered_groups(result)]

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import distributed as dist
 from .config import DATA_KEYS, TRAIN_KEYS, Config, level_name, model_keys, unit_settings
-from .finetune import Context, dense_rows, dense_unit, tables_lock, train_run, write_finetune
+from .finetune import Context, dense_unit, tables_lock, train_run, write_finetune
 from .io import InputError, read_json, read_object, write_json, write_text
 from .masks import apply_mask, fractions, full_mask, load_mask_for, measure_weights, save_mask
 from .modeling import VQAModel, prunable_tensors
@@ -226,7 +226,7 @@ CSV_FIELDS = ["mode", "seed", "target_sparsity", "measured_sparsity", "accuracy_
 
 
 def write_lottery(cfg: Config, result: dict) -> None:
-    from .plots import lottery_table, plot_lottery, seeds_text, write_table
+    from .plots import lottery_table, lottery_type_table, plot_lottery, seeds_text, write_table
 
     out = cfg.result_dir
     write_json(out / "lottery.json", result)
@@ -242,6 +242,12 @@ def write_lottery(cfg: Config, result: dict) -> None:
     write_table(header, body, out / "lottery_table.md", out / "lottery_table.png",
                 f"{cfg.experiment}: retrained {result['valid_split']} accuracy (%), {seeds_text(result['seeds'])}, "
                 f"{cfg.lottery.schedule} {cfg.lottery.scope} pruning")
+    ft = out / "finetune.json"
+    finetune = read_object(ft, ("seeds",), "finetune result") if ft.exists() else None
+    header, body = lottery_type_table(result, finetune)
+    write_table(header, body, out / "lottery_answer_types.md", out / "lottery_answer_types.png",
+                f"{cfg.experiment}: retrained {result['valid_split']} accuracy (%) by answer type, "
+                f"{seeds_text(result['seeds'])}")
 
 
 def redraw(cfg: Config) -> None:

@@ -22,6 +22,11 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
 
 
+def mean_std_cell(values: list) -> str:
+    """mean_std, or '-' where a seed has no value (e.g. a split without questions of an answer type)."""
+    return "-" if None in values else mean_std(values)
+
+
 def seeds_text(seeds: list) -> str:
     return "1 seed" if len(seeds) == 1 else f"mean ± std over {len(seeds)} seeds"
 
@@ -112,6 +117,31 @@ def lottery_table(result: dict) -> tuple[list[str], list[list[str]]]:
         body.append(line)
     blind = list({r["seed"]: r["accuracy_blind"] for r in rows}.values()) or [d["blind"]["mean"]]
     body.append(["question-only", "-"] + [mean_std(blind)] * len(modes))
+    return header, body
+
+
+ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+def lottery_type_table(result: dict, finetune: dict | None = None) -> tuple[list[str], list[list[str]]]:
+    """Retrained accuracy per answer type (mean ± std over seeds) by mode and sparsity, with the dense model
+    and the question-only model of finetune.json when given: which questions a ticket keeps or loses."""
+    rows, valid = result["rows"], result["valid_split"]
+    modes = [m for m in ["low_magnitude", "random", "high_magnitude"] if any(r["mode"] == m for r in rows)]
+    levels = sorted({r["target_sparsity"] for r in rows})
+
+    def cells(accs: list[dict]) -> list[str]:
+        return [mean_std_cell([a.get(t) for a in accs]) for t in ANSWER_TYPES]
+
+    header = ["mode", "sparsity %"] + [f"{valid} {t}" for t in ANSWER_TYPES]
+    seeds = list(finetune["seeds"].values()) if finetune else []
+    body = [["dense", "0"] + cells([s["final"] for s in seeds])] if seeds else []
+    for mode in modes:
+        for level in levels:
+            at = [r["retrained_by_type"] for r in rows if r["mode"] == mode and r["target_sparsity"] == level]
+            body.append([mode.replace("_", " "), f"{100 * level:g}"] + cells(at))
+    if seeds:
+        body.append(["question-only", "-"] + cells([s["blind"][valid] for s in seeds]))
     return header, body
 
 

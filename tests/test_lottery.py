@@ -7,7 +7,7 @@ import json
 import torch
 
 from lxmert import finetune, lottery, training
-from lxmert.io import load_tensors
+from lxmert.io import load_tensors, read_json
 from lxmert.masks import full_mask, load_mask
 from lxmert.modeling import build_model, prunable_tensors
 from lxmert.pruning import prune
@@ -25,6 +25,7 @@ def test_result_files(lottery_run):
     workdir, _, _ = lottery_run
     out = workdir / "result" / "tiny"
     expected = {"lottery.json", "lottery.csv", "lottery_table.md", "lottery_table.png", "lottery_all.png",
+                "lottery_answer_types.md", "lottery_answer_types.png",
                 "finetune.json", "finetune.png", "predictions", ".tables.lock"}
     expected |= {f"lottery_{m}.png" for m in MODES}
     assert {p.name for p in out.iterdir()} == expected
@@ -94,6 +95,14 @@ def test_csv_and_table_come_from_the_json(lottery_run):
     assert f"| 60 | {measured60:.2f} | {low60['accuracy_retrained']:.2f} |" in md, "one seed: no '± 0.00'"
     assert "± 0.00" not in md and "1 seed" in md
     assert "question-only" in md and f"{result['dense']['blind']['mean']:.2f}" in md
+    types = (out / "lottery_answer_types.md").read_text()
+    assert "| mode | sparsity % | minival yes/no | minival number | minival other |" in types
+    by_type = low60["retrained_by_type"]
+    assert (f"| low magnitude | 60 | {by_type['yes/no']:.2f} | {by_type['number']:.2f} | {by_type['other']:.2f} |"
+            in types)
+    dense = read_json(out / "finetune.json")["seeds"]["0"]
+    assert f"| dense | 0 | {dense['final']['yes/no']:.2f} |" in types
+    assert f"| question-only | - | {dense['blind']['minival']['yes/no']:.2f} |" in types
 
 
 def test_masks_nest_match_the_weights_and_prune_the_dense_model(lottery_run, tiny_data):
