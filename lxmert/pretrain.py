@@ -42,7 +42,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .benchmark import COLORS, PRETRAIN_ANSWERS, PRETRAIN_ATTRIBUTES, PRETRAIN_OBJECTS, PRETRAIN_SPLIT, SHAPES
+from .benchmark import COLORS, FORMAT_VERSION, PRETRAIN_ANSWERS, PRETRAIN_ATTRIBUTES, PRETRAIN_OBJECTS, PRETRAIN_SPLIT, SHAPES
 from .config import Config, unit_settings
 from .errors import InputError
 from .io import FileLock, atomic_folder, read_json, remove_temporaries, save_tensors, write_json
@@ -57,11 +57,13 @@ RECORD = "pretrain.json"
 
 
 def settings(cfg: Config) -> dict:
-    """What the stand-in depends on: the benchmark, the encoder's sizes and the pretraining schedule."""
+    """What the stand-in depends on: the benchmark (its settings and the generator's format version, which
+    changes with what the generator writes), the encoder's sizes and the pretraining schedule."""
     keys = ["data.embedded", "model.family", "model.hidden_size", "model.num_attention_heads",
             "model.intermediate_size", "model.l_layers", "model.x_layers", "model.r_layers", "pretrain"]
     settings = unit_settings(cfg, keys)
     settings.pop("pretrain.export", None)
+    settings["data.embedded.format_version"] = FORMAT_VERSION
     return json.loads(json.dumps(settings))
 
 
@@ -313,7 +315,7 @@ def _one_thread():
     """One intra-op thread inside, the caller's count restored after. CPU sums are ordered by the thread
     count and training carries such float differences on, so without it the `pretrain` command (all cores)
     and a study (cores / workers) made different stand-ins that record the same settings
-    (tests/test_pretrain.py). A second thread did not make it faster on the development box."""
+    (tests/test_pretrain.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

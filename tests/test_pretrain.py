@@ -60,7 +60,7 @@ def test_qa_head_copies_rows_by_answer_and_zeroes_the_rest(standin):
     assert head["head.3.weight"].shape[0] == len(vocab)
 
 
-def test_study_loads_the_export_and_refuses_other_settings(standin, embedded_root):
+def test_study_loads_the_export_and_refuses_other_settings(standin, embedded_root, monkeypatch):
     from lxmert.data import load_data
     from lxmert.modeling import build_model
 
@@ -74,6 +74,10 @@ def test_study_loads_the_export_and_refuses_other_settings(standin, embedded_roo
     other = _config(embedded_root, export, **{"pretrain.lr": 0.002})
     with pytest.raises(InputError, match=r"pretrain\.lr"):
         pretrain.ensure_pretrained(other)
+    # a stand-in made by another version of the benchmark generator is refused too (same config)
+    monkeypatch.setattr(pretrain, "FORMAT_VERSION", pretrain.FORMAT_VERSION + 1)
+    with pytest.raises(InputError, match=r"data\.embedded\.format_version"):
+        pretrain.ensure_pretrained(cfg)
 
 
 def test_standin_does_not_depend_on_the_callers_thread_count(standin, embedded_root, tmp_path):
