@@ -21,8 +21,7 @@ with some spread between annotators. A correct annotator sometimes uses a synony
 wrong one mostly names a near answer (a similar colour or shape, a count off by one, the neighbouring
 size), sometimes another answer of the type, rarely something off-type: any of the benchmark's answers
 outside the question's own (and their synonyms) or "not sure" / "unknown" / "nothing", drawn uniformly, so
-that no single off-type answer takes a real share of a type's prior (in VQA, too, off-type answers are a
-long tail of different strings).
+that no single off-type answer takes a real share of a type's prior.
 
 Splits, on disjoint images:
   pretrain                 captioned images with per-region shape / colour-size labels, for the stand-in
