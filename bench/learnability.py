@@ -11,7 +11,8 @@ objects among 2-5), so some families are skewed: the baseline reported beside ea
 its most frequent answer among the held-out questions (what a constant answer scores). Runs:
   mixed      the ten study families together (the studies' mixture, without their priors);
   lookup     "what color is the <shape>?" alone (one attribute of an object named by another);
-  existence  "is there a <colour> <shape>?" alone (a conjunction over every region).
+  existence  "does the picture show a <shape>?" alone (any region of the shape; benchmark format 4: until
+             format 3 it was "is there a <colour> <shape>?", a conjunction; docs/LEARNABILITY.md).
 Model: LXMERT at the sizes of run/configs/embedded.yaml (no pretrained weights) with the project's answer
 head; cross-entropy on the true answer, the project's fused AdamW (lr constant after a 5 % warmup, weight
 decay 0.01), clipping 5.0, batch 32. Held-out accuracy per family (2,000 questions per run, generated
@@ -39,7 +40,7 @@ from lxmert.training import adamw
 DOC = "LEARNABILITY.md"
 RUNS = {"mixed": lambda t: True,
         "lookup": lambda t: t.text((0, 0)) == "what color is the cube?",
-        "existence": lambda t: t.qtype == "is there a"}
+        "existence": lambda t: t.qtype == "does the picture"}
 
 
 def short(t: B.Template) -> str:

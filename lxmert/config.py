@@ -157,6 +157,12 @@ class ModelConfig:
     r_layers: int = _f(2, "vision (relation) layers (base: 5)", _positive, "> 0")
     num_hidden_layers: int = _f(4, "VisualBERT layers (base: 12)", _positive, "> 0")
     dropout: float = _f(0.1, "dropout of the encoder and head", _fraction, "in [0, 1)")
+    answer_prior: Optional[float] = _f(None, "initial probability p of every answer under the sigmoid answer head: "
+                                       "the head's output biases are shifted by log(p / (1 - p)) when the model is "
+                                       "built (the prior initialisation of Lin et al. 2017, RetinaNet); the order "
+                                       "of the answers is unchanged. null: the head as loaded or initialised (the "
+                                       "original LXMERT fine-tune)",
+                                       lambda v: v is None or 0 < v < 1, "null or in (0, 1)")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -121,7 +122,19 @@ def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: i
             raise InputError(f"pretrained model {cfg.pretrained} expects {expected}-d region features, "
                              f"the feature store has {feat_dim}")
         _load_pretrained_head(model, Path(cfg.pretrained) / HEAD_FILE, answers)
+    if cfg.answer_prior is not None:
+        shift_answer_biases(model, cfg.answer_prior)
     return model
+
+
+def shift_answer_biases(model: VQAModel, prior: float) -> None:
+    """Shift every output bias of the answer head by log(prior / (1 - prior)). A head pretrained with a softmax
+    (LXMERT's QA pretraining) or freshly initialised starts the sigmoid fine-tune with logits near 0, i.e.
+    every answer at probability ~0.5; the first steps' gradients (all answers but a few pushed down) then
+    overwrite what the encoder brought (on the embedded benchmark, the stand-in's existence skill within the
+    first epoch: README). A shift keeps the answers' order and removes that shock."""
+    with torch.no_grad():
+        model.head[-1].bias += math.log(prior / (1 - prior))
 
 
 def _load_pretrained_head(model: VQAModel, path: Path, answers: Optional[Sequence[str]] = None) -> None:

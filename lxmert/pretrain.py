@@ -13,9 +13,10 @@ which no study question is asked about and which no study split shares:
     features (feat) are predicted;
   - image-text matching: half of the captions are replaced, by another image's caption or by this image's
     caption with one colour or shape word changed (a hard negative that needs grounding).
-  - question answering on question families of its own (which colour / shape / size has the object named by
-    one attribute, does the picture show a shape, how many things are in the picture), as LXMERT
-    pretrained on image QA of other datasets; the studies ask other families in other words.
+  - question answering (which colour / shape / size has the object named by one attribute, does the picture
+    show a shape, how many things are in the picture), as LXMERT pretrained on image QA of other datasets
+    and of VQA's train split: four of these families are study templates in the studies' words, asked here
+    on other images with uniform answers; the studies' other six families are never asked here.
 Every example is an (image, text) pair: an image's caption (matched or not) or one of its questions
 (matched, with its answer); masked LM applies to captions only (questions stay whole; see make_batch). `held_out` of the images are only evaluated (masked-LM, masked-object
 and matching accuracy, logged per epoch); nothing is selected: the last epoch is exported.

@@ -130,12 +130,15 @@ def test_changing_priors_regroup_answers_as_vqa_cp():
 
 def test_pretraining_images_and_questions_are_their_own(embedded_root):
     """The stand-in pretraining has its own images (no study question is asked about them); it shares the
-    wording of only the three single-attribute lookups with the studies (LXMERT too pretrained on VQA-style
-    QA), so the other seven study templates are learnt in fine-tuning alone."""
+    wording of only the three single-attribute lookups and of existence with the studies (LXMERT too
+    pretrained on VQA-style QA), so the other six study templates are learnt in fine-tuning alone."""
     pretrain = json.loads((embedded_root / "pretrain.json").read_text())
     study_images = {q["img_id"] for s in SPLITS for q in _questions(embedded_root, s)}
     assert pretrain and not {r["img_id"] for r in pretrain} & study_images
-    shared = benchmark.PRETRAIN_TEMPLATES[:3]
+    shared = benchmark.PRETRAIN_TEMPLATES[:4]
+    studied_texts = {t.text((0,)) for t in benchmark.TEMPLATES}
+    assert {t.text((0,)) for t in shared} <= studied_texts
+    assert not {t.text((0,)) for t in benchmark.PRETRAIN_TEMPLATES[4:]} & studied_texts
     shared_texts = set()
     for t in shared:
         for i in range(max(len(benchmark.SHAPES), len(benchmark.COLORS))):
@@ -247,16 +250,15 @@ def test_yes_no_answers_are_in_the_region_features(tmp_path):
         if answer not in ("yes", "no"):
             continue
         words, (f, b) = q["sent"].rstrip("?").split(), store.get(store.row(q["img_id"]))
-        if q["sent"].startswith("is there a"):  # one region must match both the colour and the shape
-            cue = float(np.minimum(f @ unit[words[3]], f @ unit[words[4]]).max())
-            cues["pair"].append((cue, answer == "yes"))
+        if q["sent"].startswith("does the picture show a"):  # the region most like the shape
+            cues["shows"].append((float((f @ unit[words[5]]).max()), answer == "yes"))
         elif "left side" in q["sent"]:  # x-centre of the region most like the shape
             r = int(np.argmax(f @ unit[words[2]]))
             cues["left"].append((-(b[r, 0] + b[r, 2]) / 2, answer == "yes"))
         else:  # "is the <colour> object large?": width of the region most like the colour
             r = int(np.argmax(f @ unit[words[2]]))
             cues["large"].append((b[r, 2] - b[r, 0], answer == "yes"))
-    assert set(cues) == {"pair", "left", "large"}
+    assert set(cues) == {"shows", "left", "large"}
     for name, pairs in cues.items():
         x, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
         majority = max(y.mean(), 1 - y.mean())

@@ -47,6 +47,8 @@ def test_wrong_type_is_named(override, key):
     ("train.warmup=1.5", "train.warmup"),
     ("train.epochs=0", "train.epochs"),
     ("model.dropout=1.0", "model.dropout"),
+    ("model.answer_prior=1.0", "model.answer_prior"),
+    ("model.answer_prior=0", "model.answer_prior"),
     ("lottery.modes=[low_magnitude,biggest]", "lottery.modes"),
     ("data.embedded.cp_skew=0.2", "data.embedded.cp_skew"),
 ])

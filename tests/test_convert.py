@@ -93,6 +93,28 @@ def test_converted_folder_builds_the_project_model(release, tmp_path):
     assert logits.shape == (1, len(PROJECT_ANSWERS))
 
 
+def test_answer_prior_shifts_the_loaded_head_and_keeps_its_order(release, tmp_path):
+    """model.answer_prior shifts every output bias of the (loaded) head by log(p / (1 - p)): every answer's
+    sigmoid starts at or below p where the bias was 0, the weights and the answers' order stay as loaded."""
+    import math
+    folder, _ = release
+    _convert(release, tmp_path / "out", pretrained_answers=folder / "all_ans.json", num_attention_heads=2)
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(pretrained=str(tmp_path / "out")), 300, 128, len(PROJECT_ANSWERS))
+    torch.manual_seed(0)
+    shifted = build_model(ModelConfig(pretrained=str(tmp_path / "out"), answer_prior=0.01), 300, 128,
+                          len(PROJECT_ANSWERS))
+    delta = shifted.head[-1].bias - plain.head[-1].bias
+    torch.testing.assert_close(delta, torch.full_like(delta, math.log(0.01 / 0.99)))
+    torch.testing.assert_close(shifted.head[-1].weight, plain.head[-1].weight, rtol=0, atol=0)
+    torch.testing.assert_close(shifted.encoder.state_dict(), plain.encoder.state_dict(), rtol=0, atol=0)
+    uncopied = plain.head[-1].bias == 0  # answers the release has no row for (zero bias, zero weights)
+    assert uncopied.any() and torch.allclose(torch.sigmoid(shifted.head[-1].bias[uncopied]), torch.tensor(0.01))
+    batch = {"input_ids": torch.tensor([[1, 5, 2]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "visual_feats": torch.randn(1, 4, 128), "visual_pos": torch.rand(1, 4, 4)}
+    assert torch.equal(plain.eval()(batch)[0].argsort(), shifted.eval()(batch)[0].argsort())
+
+
 def test_head_built_for_another_answer_order_is_refused(release, tmp_path, caplog):
     """Same number of answers, another order: the head's shapes fit, and without the recorded vocabulary
     digest every answer would silently be scored with another answer's row."""
