@@ -54,8 +54,9 @@ class Unit:
 
 # Keys a unit records only since a later version, with the value a unit recorded without them computed with
 # (so a study started before stays valid when its settings did not change): study B's lottery baseline pruned
-# each tensor to the target ('layer') before it honoured lottery.scope.
-RECORDED_SINCE = {"lottery.scope": "layer"}
+# each tensor to the target ('layer') before it honoured lottery.scope; model.answer_prior did not exist (the
+# head as loaded: null).
+RECORDED_SINCE = {"lottery.scope": "layer", "model.answer_prior": None}
 
 
 def check_settings(unit: Unit, experiment: str) -> None:

@@ -529,6 +529,15 @@ def test_a_key_recorded_since_a_later_version_reads_as_its_old_value(tmp_path):
         else:
             with pytest.raises(InputError, match="lottery.scope 'layer' -> 'global'"):
                 check_settings(unit, "x")
+    # model.answer_prior: a unit recorded before the key existed fine-tuned from the head as loaded (null)
+    for prior, passes in ((None, True), (0.01, False)):
+        unit = Unit(name="seed_0/dense", folder=tmp_path, work=lambda: None, finished=lambda: False,
+                    settings={"train.lr": 0.1, "model.answer_prior": prior})
+        if passes:
+            check_settings(unit, "x")
+        else:
+            with pytest.raises(InputError, match="model.answer_prior None -> 0.01"):
+                check_settings(unit, "x")
 
 
 class _FullDisk(Exception):
