@@ -190,9 +190,9 @@ def _yes_no_templates() -> list[Template]:
 
     return [
         # Shared with the stand-in pretraining (as LXMERT pretrained on VQA-style yes/no questions): a tiny
-        # encoder does not learn existence within a study's fine-tune (docs/LEARNABILITY.md), and without
-        # it the fine-tuned model has no image evidence for any yes/no question (format 3 asked about a
-        # colour-shape pair, and every model answered "no" to all of them).
+        # encoder does not learn existence within a study's fine-tune (docs/LEARNABILITY.md). Format 3 asked
+        # about a colour-shape pair instead, which the fine-tuned BCE models answered at the accuracy of
+        # always answering "no" (README).
         Template("does the picture", "yes/no", YES_NO, lambda p: f"does the picture show a {SHAPES[p[0]]}?",
                  lambda sc, p: "yes" if shows_focus(sc, p) else "no", shows_plant, shows_focus),
         Template("is the", "yes/no", YES_NO, lambda p: f"is the {SHAPES[p[0]]} on the left side?",

@@ -9,6 +9,7 @@ result/<experiment>/predictions/<unit>/<split>.json   answers of a unit's best-o
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from .config import DATA_KEYS, TRAIN_KEYS, Config, model_keys, unit_settings
 from .data import Data, load_data
 from .evaluation import accuracy, predict, predictions_json
 from .io import FileLock, InputError, atomic_folder, file_sha256, read_json, read_object, remove_temporaries, \
-    save_tensors, write_json
+    save_tensors, tensor_metadata, write_json
 from .losses import make_loss, question_type_prior
 from .pretrain import ensure_pretrained
 from .modeling import VQAModel, build_model
@@ -99,10 +100,16 @@ class Context:
                            self.data.num_answers, answers=self.data.vocab.label2ans).to(dist.device())
 
     def init_weights(self, seed: int) -> Path:
-        """models/<exp>/seed_<s>/init.safetensors, the weights before any training (made once)."""
+        """models/<exp>/seed_<s>/init.safetensors, the weights before any training (made once; every dense
+        fine-tune and every rewind starts from it). It records the settings it was built with and is
+        refused when they differ from the config's (removing only the refused units' folders would
+        otherwise train them from weights built with the old settings)."""
         path = self.seed_dir(seed) / "init.safetensors"
-        once(path.parent, path.exists, lambda: save_tensors(path, self.new_model(seed).state_dict()),
-             of=path.name)
+        mine = init_settings(self.cfg)
+        once(path.parent, path.exists,
+             lambda: save_tensors(path, self.new_model(seed).state_dict(),
+                                  metadata={"settings": json.dumps(mine, sort_keys=True)}), of=path.name)
+        check_init(path, mine)
         return path
 
     def evaluate(self, model: VQAModel, splits: Optional[list[str]] = None) -> dict[str, dict]:
@@ -148,6 +155,33 @@ class Context:
 
 
 # -- experiment-wide checks --------------------------------------------------------------------------
+
+def init_settings(cfg: Config) -> dict:
+    """What a seed's initial weights depend on: the data (vocabulary, answers, feature size) and the model."""
+    return json.loads(json.dumps(unit_settings(cfg, DATA_KEYS + model_keys())))
+
+
+def check_init(path: Path, mine: dict) -> None:
+    """Refuse initial weights built with other settings (one error naming the keys and the file). A file
+    written before the settings were recorded is accepted unless the config shifts the answer head
+    (model.answer_prior did not exist then, so such a file was built without the shift)."""
+    metadata = tensor_metadata(path)
+    raw = None if metadata is None else metadata.get("settings")
+    if raw is None:
+        if mine.get("model.answer_prior") is not None:
+            raise InputError(f"{path}: initial weights made before model.answer_prior existed (without the "
+                             f"shift), but this config sets model.answer_prior = {mine['model.answer_prior']}; "
+                             f"remove {path.parent} to recompute the seed, or start a new experiment")
+        return
+    recorded = json.loads(raw)
+    changed = sorted(k for k in set(recorded) | set(mine) if recorded.get(k, "<unset>") != mine.get(k, "<unset>"))
+    if changed:
+        raise InputError(f"{path}: initial weights made with other settings ("
+                         + ", ".join(f"{k} {recorded.get(k, '<unset>')!r} -> {mine.get(k, '<unset>')!r}"
+                                     for k in changed[:4])
+                         + f"{', ...' if len(changed) > 4 else ''}); remove {path.parent} to recompute the seed, "
+                           "or start a new experiment")
+
 
 def check_writable(cfg: Config) -> None:
     """Refuse before any work when an output folder cannot be written (read-only models/, result/, logs/).

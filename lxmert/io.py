@@ -241,6 +241,18 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
                          f"remove it (or the run folder holding it) to recompute") from None
 
 
+def tensor_metadata(path: str | Path) -> Optional[dict[str, str]]:
+    """The string metadata of a safetensors file ({} when it has none), None when the file is missing or
+    unreadable (load_tensors gives the clear error for those)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return None
+
+
 def save_state(path: str | Path, state: dict) -> None:
     """Save a training state (tensors, numbers, strings, containers only) for weights_only loading."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:

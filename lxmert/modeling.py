@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PRUNABLE_DEFAULT, ModelConfig
-from .io import InputError
+from .io import InputError, tensor_metadata
 
 log = logging.getLogger(__name__)
 MODALITIES = ("language", "vision", "cross", "pooler", "head")
@@ -166,13 +166,10 @@ def _check_head_answers(path: Path, answers: Sequence[str]) -> None:
     """Refuse a head whose rows follow another answer vocabulary: with as many answers it would load and
     silently score every answer with another answer's row. Heads written before the digest was recorded
     cannot be checked (a warning says so)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            recorded = (f.metadata() or {}).get("answers_sha256")
-    except Exception:  # unreadable: load_tensors gives the clear error
+    metadata = tensor_metadata(path)
+    if metadata is None:  # missing or unreadable: load_tensors gives the clear error
         return
+    recorded = metadata.get("answers_sha256")
     if recorded is None:
         if str(path) in _SAID_UNCHECKED:
             return

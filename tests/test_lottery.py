@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import torch
 
@@ -192,6 +193,39 @@ def test_changed_settings_are_refused_before_any_work(lottery_run, tmp_path, mon
     with pytest.raises(InputError, match=r"level_60/level.json: level 0.6 was pruned from level 0.3, lottery.levels "
                                          r"now prunes it from level 0.45; add levels only after the last one"):
         lottery.run_lottery(inserted)
+    training._METRICS_PATH = None
+
+
+def test_initial_weights_made_with_other_settings_are_refused(lottery_run, tmp_path, monkeypatch):
+    """Removing only the refused units leaves the seed's init.safetensors, from which every dense fine-tune and
+    rewind starts: it records its settings and is refused too (here it shifts no answer bias, the new config
+    does), before any training; the same settings pass."""
+    import shutil
+
+    import pytest
+
+    from conftest import LOTTERY_EXTRA, tiny_config
+    from lxmert.io import InputError, tensor_metadata
+
+    workdir, cfg, _ = lottery_run
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    monkeypatch.chdir(work)
+    init = work / "models" / "tiny" / "seed_0" / "init.safetensors"
+    assert json.loads(tensor_metadata(init)["settings"])["model.answer_prior"] is None
+    for unit in ("dense", "iterative_global"):
+        shutil.rmtree(init.parent / unit)
+    monkeypatch.setattr(training.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
+    changed = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["model.answer_prior=0.01"])
+    with pytest.raises(InputError, match=r"seed_0/init.safetensors: initial weights made with other settings "
+                                         r"\(model.answer_prior None -> 0.01\); remove .*seed_0 to recompute"):
+        lottery.run_lottery(changed)
+    context = finetune.Context.load(tiny_config(cfg.data.root, extra=LOTTERY_EXTRA))
+    assert context.init_weights(0) == init.relative_to(work)  # the same settings: accepted as it is
+    shifted = finetune.Context.load(tiny_config(cfg.data.root, experiment="tiny_prior",
+                                                extra=LOTTERY_EXTRA + ["model.answer_prior=0.01"]))
+    bias = load_tensors(shifted.init_weights(0))["head.3.bias"]  # a fresh head: zero biases, shifted once
+    torch.testing.assert_close(bias, torch.full_like(bias, math.log(0.01 / 0.99)))
     training._METRICS_PATH = None
 
 
