@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -26,12 +26,12 @@ from .config import DATA_KEYS, TRAIN_KEYS, Config, model_keys, unit_settings
 from .data import Data, load_data
 from .evaluation import accuracy, predict, predictions_json
 from .io import FileLock, InputError, atomic_folder, file_sha256, read_json, read_object, remove_temporaries, \
-    save_tensors, tensor_metadata, write_json
+    load_tensors, save_tensors, tensor_metadata, write_json
 from .losses import make_loss, question_type_prior
 from .pretrain import ensure_pretrained
 from .modeling import VQAModel, build_model
 from .training import RunSpec, Trainer, load_weights, run_seed, seed_everything, setup_logging
-from .units import Unit, once, run_units
+from .units import RECORDED_SINCE, Unit, once, run_units
 
 log = logging.getLogger("lxmert")
 
@@ -109,8 +109,21 @@ class Context:
         once(path.parent, path.exists,
              lambda: save_tensors(path, self.new_model(seed).state_dict(),
                                   metadata={"settings": json.dumps(mine, sort_keys=True)}), of=path.name)
-        check_init(path, mine)
+        check_init(path, mine, lambda: self._rebuilt_init(seed))
         return path
+
+    def _rebuilt_init(self, seed: int) -> dict:
+        """The seed's initial weights built again, every RNG (python, numpy, torch) left as it was."""
+        import random
+
+        saved = random.getstate(), np.random.get_state()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                return self.new_model(seed).state_dict()
+            finally:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
 
     def evaluate(self, model: VQAModel, splits: Optional[list[str]] = None) -> dict[str, dict]:
         """Accuracy on the validation split and every labelled test split (or the named ones)."""
@@ -157,26 +170,36 @@ class Context:
 # -- experiment-wide checks --------------------------------------------------------------------------
 
 def init_settings(cfg: Config) -> dict:
-    """What a seed's initial weights depend on: the data (vocabulary, answers, feature size) and the model."""
+    """The settings recorded with a seed's initial weights: the data and model keys every unit records too (a
+    superset of what the weights depend on: vocabulary, answers, feature size, encoder, head)."""
     return json.loads(json.dumps(unit_settings(cfg, DATA_KEYS + model_keys())))
 
 
-def check_init(path: Path, mine: dict) -> None:
-    """Refuse initial weights built with other settings (one error naming the keys and the file). A file
-    written before the settings were recorded is accepted unless the config shifts the answer head
-    (model.answer_prior did not exist then, so such a file was built without the shift)."""
+_LEGACY_INIT_CHECKED: set[str] = set()
+
+
+def check_init(path: Path, mine: dict, rebuild: Callable[[], dict]) -> None:
+    """Refuse initial weights made under other settings (one error naming the keys and the file; keys
+    recorded only since a later version read as the value they had before, as for units). A file without
+    the record (written before it existed) is compared with what this config builds (`rebuild`, once per
+    process) and refused unless every tensor is equal."""
     metadata = tensor_metadata(path)
     raw = None if metadata is None else metadata.get("settings")
     if raw is None:
-        if mine.get("model.answer_prior") is not None:
-            raise InputError(f"{path}: initial weights made before model.answer_prior existed (without the "
-                             f"shift), but this config sets model.answer_prior = {mine['model.answer_prior']}; "
-                             f"remove {path.parent} to recompute the seed, or start a new experiment")
+        key = f"{path.resolve()} {json.dumps(mine, sort_keys=True)}"
+        if key in _LEGACY_INIT_CHECKED:
+            return
+        weights, built = load_tensors(path), rebuild()  # load_tensors names an unreadable file
+        if set(weights) != set(built) or any(not torch.equal(weights[k], built[k].cpu()) for k in weights):
+            raise InputError(f"{path}: initial weights without a settings record (written by an older version) "
+                             "that differ from what this config builds (another model.answer_prior, model or "
+                             f"data); remove {path.parent} to recompute the seed, or start a new experiment")
+        _LEGACY_INIT_CHECKED.add(key)
         return
-    recorded = json.loads(raw)
+    recorded = {**{k: v for k, v in RECORDED_SINCE.items() if k in mine}, **json.loads(raw)}
     changed = sorted(k for k in set(recorded) | set(mine) if recorded.get(k, "<unset>") != mine.get(k, "<unset>"))
     if changed:
-        raise InputError(f"{path}: initial weights made with other settings ("
+        raise InputError(f"{path}: initial weights made under other settings ("
                          + ", ".join(f"{k} {recorded.get(k, '<unset>')!r} -> {mine.get(k, '<unset>')!r}"
                                      for k in changed[:4])
                          + f"{', ...' if len(changed) > 4 else ''}); remove {path.parent} to recompute the seed, "

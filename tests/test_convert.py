@@ -93,9 +93,9 @@ def test_converted_folder_builds_the_project_model(release, tmp_path):
     assert logits.shape == (1, len(PROJECT_ANSWERS))
 
 
-def test_answer_prior_shifts_the_loaded_head_and_keeps_its_order(release, tmp_path):
-    """model.answer_prior shifts every output bias of the (loaded) head by log(p / (1 - p)): every answer's
-    sigmoid starts at or below p where the bias was 0, the weights and the answers' order stay as loaded."""
+def test_answer_prior_shifts_the_loaded_head_and_keeps_its_answer(release, tmp_path):
+    """model.answer_prior shifts every output bias of the (loaded) head by log(p / (1 - p)): answers whose bias
+    was 0 start at sigmoid p, the weights stay as loaded and the top answer is unchanged."""
     import math
     folder, _ = release
     _convert(release, tmp_path / "out", pretrained_answers=folder / "all_ans.json", num_attention_heads=2)

@@ -205,7 +205,7 @@ def test_initial_weights_made_with_other_settings_are_refused(lottery_run, tmp_p
     import pytest
 
     from conftest import LOTTERY_EXTRA, tiny_config
-    from lxmert.io import InputError, tensor_metadata
+    from lxmert.io import InputError, save_tensors, tensor_metadata
 
     workdir, cfg, _ = lottery_run
     work = tmp_path / "work"
@@ -217,11 +217,23 @@ def test_initial_weights_made_with_other_settings_are_refused(lottery_run, tmp_p
         shutil.rmtree(init.parent / unit)
     monkeypatch.setattr(training.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
     changed = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["model.answer_prior=0.01"])
-    with pytest.raises(InputError, match=r"seed_0/init.safetensors: initial weights made with other settings "
+    with pytest.raises(InputError, match=r"seed_0/init.safetensors: initial weights made under other settings "
                                          r"\(model.answer_prior None -> 0.01\); remove .*seed_0 to recompute"):
         lottery.run_lottery(changed)
     context = finetune.Context.load(tiny_config(cfg.data.root, extra=LOTTERY_EXTRA))
     assert context.init_weights(0) == init.relative_to(work)  # the same settings: accepted as it is
+    # A file written before the record existed is compared with what the config builds: equal passes (and
+    # leaves every RNG as it was), another answer_prior is refused.
+    save_tensors(init, load_tensors(init))
+    assert tensor_metadata(init) == {}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert context.init_weights(0) == init.relative_to(work)
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(InputError, match=r"seed_0/init.safetensors: initial weights without a settings record "
+                                         r"\(written by an older version\) that differ from what this config "
+                                         r"builds"):
+        finetune.Context.load(changed).init_weights(0)
     shifted = finetune.Context.load(tiny_config(cfg.data.root, experiment="tiny_prior",
                                                 extra=LOTTERY_EXTRA + ["model.answer_prior=0.01"]))
     bias = load_tensors(shifted.init_weights(0))["head.3.bias"]  # a fresh head: zero biases, shifted once
