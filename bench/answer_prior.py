@@ -32,7 +32,6 @@ from bench.common import append  # noqa: E402
 from lxmert.config import load_config  # noqa: E402
 from lxmert.evaluation import evaluate  # noqa: E402
 from lxmert.finetune import Context, dense  # noqa: E402
-from lxmert.training import load_weights  # noqa: E402
 
 FAMILY = "does the picture"
 
@@ -82,12 +81,12 @@ def main() -> None:
                                        f"model.answer_prior={prior}", *absolute])
                     ctx = Context.load(cfg)
                     if not rows:
-                        area, share, count = existence(ctx, ctx.new_model(0))
-                        acc = evaluate(ctx.new_model(0), ctx.data.valid, 256, torch.device("cpu"))["overall"]
+                        standin = ctx.new_model(0)
+                        area, share, count = existence(ctx, standin)
+                        acc = evaluate(standin, ctx.data.valid, 256, torch.device("cpu"))["overall"]
                         rows.append(["stand-in (before fine-tuning)", "-", "0", f"{area:.3f}", f"{100 * share:.1f}",
                                      f"{acc:.2f}"])
-                    model, _ = dense(ctx, 0, "bce", cfg.model_dir / "run")
-                    load_weights(model, cfg.model_dir / "run" / "final" / "model.safetensors")
+                    model, _ = dense(ctx, 0, "bce", cfg.model_dir / "run")  # at its last epoch's weights
                     area, share, count = existence(ctx, model)
                     acc = evaluate(model, ctx.data.valid, 256, torch.device("cpu"))["overall"]
                     rows.append(["dense fine-tune, seed 0", prior, str(n), f"{area:.3f}", f"{100 * share:.1f}",

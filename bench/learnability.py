@@ -14,8 +14,8 @@ its most frequent answer among the held-out questions (what a constant answer sc
   existence  "does the picture show a <shape>?" alone (any region of the shape; benchmark format 4: until
              format 3 it was "is there a <colour> <shape>?", a conjunction; docs/LEARNABILITY.md).
 Model: LXMERT at the sizes of run/configs/embedded.yaml (no pretrained weights) with the project's answer
-head (its model.answer_prior shift of the output biases changes nothing under this softmax loss); cross-entropy on the true answer, the project's fused AdamW (lr constant after a 5 % warmup, weight
-decay 0.01), clipping 5.0, batch 32. Held-out accuracy per family (2,000 questions per run, generated
+head (its model.answer_prior shift of the output biases changes nothing under this softmax loss);
+cross-entropy on the true answer, the project's fused AdamW (lr constant after a 5 % warmup, weight decay 0.01), clipping 5.0, batch 32. Held-out accuracy per family (2,000 questions per run, generated
 with another seed) every `every` steps. Prints the table and appends it, with the machine and date, to
 docs/LEARNABILITY.md.
 """

@@ -412,7 +412,6 @@ def _accuracy(accuracies: dict, split: str, kind: str) -> Optional[float]:
     return accuracies[split].get(kind)
 
 
-
 def _target_text(target: Target) -> str:
     if isinstance(target, dict):
         return "/".join(_pct(v) for v in target.values())

@@ -31,7 +31,7 @@ from .losses import make_loss, question_type_prior
 from .pretrain import ensure_pretrained
 from .modeling import VQAModel, build_model
 from .training import RunSpec, Trainer, load_weights, run_seed, seed_everything, setup_logging
-from .units import RECORDED_SINCE, Unit, once, run_units
+from .units import Unit, once, run_units, setting_changes
 
 log = logging.getLogger("lxmert")
 
@@ -196,14 +196,10 @@ def check_init(path: Path, mine: dict, rebuild: Callable[[], dict]) -> None:
                              f"data); remove {path.parent} to recompute the seed, or start a new experiment")
         _LEGACY_INIT_CHECKED.add(key)
         return
-    recorded = {**{k: v for k, v in RECORDED_SINCE.items() if k in mine}, **json.loads(raw)}
-    changed = sorted(k for k in set(recorded) | set(mine) if recorded.get(k, "<unset>") != mine.get(k, "<unset>"))
-    if changed:
-        raise InputError(f"{path}: initial weights made under other settings ("
-                         + ", ".join(f"{k} {recorded.get(k, '<unset>')!r} -> {mine.get(k, '<unset>')!r}"
-                                     for k in changed[:4])
-                         + f"{', ...' if len(changed) > 4 else ''}); remove {path.parent} to recompute the seed, "
-                           "or start a new experiment")
+    diffs = setting_changes(json.loads(raw), mine, shown=4)
+    if diffs:
+        raise InputError(f"{path}: initial weights made under other settings ({diffs}); remove {path.parent} to "
+                         "recompute the seed, or start a new experiment")
 
 
 def check_writable(cfg: Config) -> None:

@@ -128,11 +128,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: i
 
 
 def shift_answer_biases(model: VQAModel, prior: float) -> None:
-    """Shift every output bias of the answer head by log(prior / (1 - prior)). A head pretrained with a softmax
-    (LXMERT's QA pretraining) or freshly initialised starts the sigmoid fine-tune with logits near 0, i.e.
-    every answer at probability ~0.5; the first steps' gradients (all answers but a few pushed down) then
-    overwrite what the encoder brought (on the embedded benchmark, the stand-in's existence skill within the
-    first epoch: README). A shift keeps the answers' order and removes that shock."""
+    """Shift every output bias of the answer head by log(prior / (1 - prior)). LXMERT pretrains its QA head with
+    a softmax cross-entropy (airsplay/lxmert src/lxrt/modeling.py lines 938 and 977-980) and fine-tunes it
+    with a sigmoid BCE (src/tasks/vqa.py lines 63 and 95-96), so a copied head, like a freshly initialised
+    one, starts the fine-tune with logits near 0: every answer at probability ~0.5. The first steps'
+    gradients (all answers but a few pushed down) then overwrite what the encoder brought (on the embedded
+    benchmark, the stand-in's existence skill within the first epoch: README). RetinaNet sets a fresh
+    sigmoid classifier's biases to this value, with prior 0.01 (facebookresearch/Detectron
+    detectron/modeling/retinanet_heads.py lines 55-58, detectron/core/config.py line 547); a shift is the
+    same for a fresh head and keeps a loaded head's order of answers."""
     with torch.no_grad():
         model.head[-1].bias += math.log(prior / (1 - prior))
 
@@ -160,6 +164,7 @@ def _load_pretrained_head(model: VQAModel, path: Path, answers: Optional[Sequenc
         raise InputError(f"{path}: QA head does not fit this model (keys {sorted(state)} vs {sorted(own)}, "
                          f"shapes file vs model {wrong}); was it converted with this answer vocabulary?")
     model.head.load_state_dict(state)
+    log.info("loaded the pretrained QA head from %s", path)
 
 
 def _check_head_answers(path: Path, answers: Sequence[str]) -> None:
@@ -180,7 +185,6 @@ def _check_head_answers(path: Path, answers: Sequence[str]) -> None:
         raise InputError(f"{path}: QA head built for another answer vocabulary (other answers or another order) "
                          f"than the data's {len(answers)} answers; make it again with this data's "
                          f"trainval_ans2label.json (python -m lxmert.convert, or remove the stand-in encoder folder)")
-    log.info("loaded the pretrained QA head from %s", path)
 
 
 @dataclass(frozen=True)

@@ -67,15 +67,22 @@ def check_settings(unit: Unit, experiment: str) -> None:
     recorded = read_json(path, "unit settings")
     if not isinstance(recorded, dict):
         raise InputError(f"{path}: expected a JSON object of settings; remove {unit.folder} to recompute the unit")
-    recorded = {**{k: v for k, v in RECORDED_SINCE.items() if k in unit.settings}, **recorded}
-    changed = sorted(k for k in set(recorded) | set(unit.settings) if recorded.get(k, "<unset>") !=
-                     _plain(unit.settings.get(k, "<unset>")))
-    if changed:
-        diffs = ", ".join(f"{k} {recorded.get(k, '<unset>')!r} -> {unit.settings.get(k, '<unset>')!r}"
-                          for k in changed[:6])
-        raise InputError(f"{path}: experiment '{experiment}' ran {unit.name} with other settings ({diffs}"
-                         f"{', ...' if len(changed) > 6 else ''}); to run these settings start a new experiment "
-                         f"(experiment=NEW_NAME), or remove {unit.folder} to recompute that unit")
+    diffs = setting_changes(recorded, unit.settings, shown=6)
+    if diffs:
+        raise InputError(f"{path}: experiment '{experiment}' ran {unit.name} with other settings ({diffs}); to run "
+                         f"these settings start a new experiment (experiment=NEW_NAME), or remove {unit.folder} to "
+                         "recompute that unit")
+
+
+def setting_changes(recorded: dict, current: dict, shown: int) -> str:
+    """'key old -> new, ...' for every key whose recorded value differs from the current one (the first
+    `shown`, then ', ...'), '' when none does. A key missing from the record reads as its RECORDED_SINCE
+    value; current values are compared as they read back from JSON."""
+    recorded = {**{k: v for k, v in RECORDED_SINCE.items() if k in current}, **recorded}
+    changed = sorted(k for k in set(recorded) | set(current)
+                     if recorded.get(k, "<unset>") != _plain(current.get(k, "<unset>")))
+    return ", ".join(f"{k} {recorded.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}" for k in changed[:shown]) \
+        + (", ..." if len(changed) > shown else "")
 
 
 def _plain(value: Any) -> Any:

@@ -521,22 +521,16 @@ def test_a_key_recorded_since_a_later_version_reads_as_its_old_value(tmp_path):
     from lxmert.units import Unit, check_settings
 
     write_json(tmp_path / "settings.json", {"train.lr": 0.1})
-    for scope, passes in (("layer", True), ("global", False)):
-        unit = Unit(name="seed_0/lottery/s50", folder=tmp_path, work=lambda: None, finished=lambda: False,
-                    settings={"train.lr": 0.1, "lottery.scope": scope})
-        if passes:
+    # (key, value, refusal expected or None); model.answer_prior: a unit recorded before the key existed
+    # fine-tuned from the head as loaded (null)
+    for key, value, refused in (("lottery.scope", "layer", None), ("lottery.scope", "global", "'layer' -> 'global'"),
+                                ("model.answer_prior", None, None), ("model.answer_prior", 0.01, "None -> 0.01")):
+        unit = Unit(name="seed_0/unit", folder=tmp_path, work=lambda: None, finished=lambda: False,
+                    settings={"train.lr": 0.1, key: value})
+        if refused is None:
             check_settings(unit, "x")
         else:
-            with pytest.raises(InputError, match="lottery.scope 'layer' -> 'global'"):
-                check_settings(unit, "x")
-    # model.answer_prior: a unit recorded before the key existed fine-tuned from the head as loaded (null)
-    for prior, passes in ((None, True), (0.01, False)):
-        unit = Unit(name="seed_0/dense", folder=tmp_path, work=lambda: None, finished=lambda: False,
-                    settings={"train.lr": 0.1, "model.answer_prior": prior})
-        if passes:
-            check_settings(unit, "x")
-        else:
-            with pytest.raises(InputError, match="model.answer_prior None -> 0.01"):
+            with pytest.raises(InputError, match=f"{key} {refused}"):
                 check_settings(unit, "x")
 
 
