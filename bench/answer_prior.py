@@ -29,9 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import append  # noqa: E402
-from lxmert.config import load_config  # noqa: E402
-from lxmert.evaluation import evaluate  # noqa: E402
-from lxmert.finetune import Context, dense  # noqa: E402
+from lxmert.core.config import load_config  # noqa: E402
+from lxmert.core.paths import Experiment, Run  # noqa: E402
+from lxmert.studies.context import Context  # noqa: E402
+from lxmert.studies.dense import dense  # noqa: E402
+from lxmert.train.evaluation import evaluate  # noqa: E402
 
 FAMILY = "does the picture"
 
@@ -86,7 +88,7 @@ def main() -> None:
                         acc = evaluate(standin, ctx.data.valid, 256, torch.device("cpu"))["overall"]
                         rows.append(["stand-in (before fine-tuning)", "-", "0", f"{area:.3f}", f"{100 * share:.1f}",
                                      f"{acc:.2f}"])
-                    model, _ = dense(ctx, 0, "bce", cfg.model_dir / "run")  # at its last epoch's weights
+                    model, _ = dense(ctx, 0, "bce", Run(Experiment(cfg).models / "run"))  # at its last epoch's weights
                     area, share, count = existence(ctx, model)
                     acc = evaluate(model, ctx.data.valid, 256, torch.device("cpu"))["overall"]
                     rows.append(["dense fine-tune, seed 0", prior, str(n), f"{area:.3f}", f"{100 * share:.1f}",

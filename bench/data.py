@@ -9,9 +9,9 @@ and a smaller one in a temporary folder (removed afterwards), plus a TSV in the 
 arrays base64-encoded) with --tsv-images rows.
 
 Throughput, in samples (questions) per second, with questions drawn at random over the images in
-shuffled batches (lxmert.data.BatchSampler), three questions per image:
-  - the project's path: lxmert.data.VQADataset builds a whole batch from a list of indices (one sorted
-    memory-map gather; this is the collate), directly and through lxmert.data.loader (DataLoader) with
+shuffled batches (lxmert.data.datasets.BatchSampler), three questions per image:
+  - the project's path: lxmert.data.datasets.VQADataset builds a whole batch from a list of indices (one sorted
+    memory-map gather; this is the collate), directly and through lxmert.data.datasets.loader (DataLoader) with
     0 and 2 workers; "cold" = the store's files evicted from the page cache first
     (posix_fadvise DONTNEED), "warm" = the store read once before (pages cached but not yet mapped into
     the fresh memory map: one minor page fault per 4 kB on first touch), "same batches again" = the
@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import append  # noqa: E402
-from lxmert.data import BatchSampler, Split, VQADataset, loader  # noqa: E402
-from lxmert.features import FeatureStore, StoreWriter  # noqa: E402
+from lxmert.data.datasets import BatchSampler, Split, VQADataset, loader  # noqa: E402
+from lxmert.data.features import FeatureStore, StoreWriter  # noqa: E402
 
 ANSWERS = 3129
 TOKENS = 20
@@ -79,7 +79,7 @@ def write_store(folder: Path, images: int, regions: int, feat_dim: int, seed: in
 
 
 def questions_split(images: int, seed: int) -> Split:
-    """Random questions shaped like lxmert.data.load_split's output (rows resolved, labels in CSR form)."""
+    """Random questions shaped like lxmert.data.datasets.load_split's output (rows resolved, labels in CSR form)."""
     rng = np.random.default_rng(seed)
     n = images * QUESTIONS_PER_IMAGE
     lengths = rng.integers(6, TOKENS + 1, n)
@@ -139,7 +139,7 @@ def time_batches(batches, limit: int) -> tuple[float, float, int]:
 def project_path(folder: Path, images: int, batch_size: int, limit: int, mode: str, workers: int,
                  second_pass: bool = False) -> tuple[float, float]:
     """(samples/s after the first batch, ms to the first batch) of the memory-mapped store through
-    VQADataset (direct, or via lxmert.data.loader)."""
+    VQADataset (direct, or via lxmert.data.datasets.loader)."""
     gc.collect()
     if mode == "cold":
         evict(folder)
@@ -298,9 +298,9 @@ def main() -> None:
         for label, mode, workers in (("VQADataset[batch] direct, cold cache", "cold", -1),
                                      ("VQADataset[batch] direct, warm cache", "warm", -1),
                                      ("VQADataset[batch] direct, same batches again", "again", -1),
-                                     ("lxmert.data.loader, 0 workers, warm", "warm", 0),
-                                     ("lxmert.data.loader, 2 workers, warm", "warm", 2),
-                                     ("lxmert.data.loader, 2 workers, cold", "cold", 2)):
+                                     ("lxmert.data.datasets.loader, 0 workers, warm", "warm", 0),
+                                     ("lxmert.data.datasets.loader, 2 workers, warm", "warm", 2),
+                                     ("lxmert.data.datasets.loader, 2 workers, cold", "cold", 2)):
             rate, first_ms = project_path(large, args.images, bs, limit, "warm" if mode == "again" else mode,
                                           workers, second_pass=mode == "again")
             rows.append([f"memory-mapped store, {args.images:,} images", label, f"{rate:,.0f}",

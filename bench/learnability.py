@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import append
-from lxmert import benchmark as B
-from lxmert.config import EmbeddedConfig, load_config
-from lxmert.modeling import build_model
-from lxmert.training import adamw
+from lxmert.core.config import EmbeddedConfig, load_config
+from lxmert.embedded import generator as B
+from lxmert.modeling.vqa import build_model
+from lxmert.train.trainer import adamw
 
 DOC = "LEARNABILITY.md"
 RUNS = {"mixed": lambda t: True,

@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PeakRSS, append  # noqa: E402
-from lxmert.config import ModelConfig  # noqa: E402
-from lxmert.masks import apply_mask, full_mask, measure_weights  # noqa: E402
-from lxmert.modeling import build_model, prunable_tensors  # noqa: E402
-from lxmert.pruning import prune  # noqa: E402
+from lxmert.core.config import ModelConfig  # noqa: E402
+from lxmert.modeling.vqa import build_model  # noqa: E402
+from lxmert.prune.magnitude import prune  # noqa: E402
+from lxmert.prune.masks import apply_mask, full_mask, measure_weights  # noqa: E402
+from lxmert.prune.prunable import prunable_tensors  # noqa: E402
 
 BASE = ModelConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072, l_layers=9, x_layers=5,
                    r_layers=5, dropout=0.1)

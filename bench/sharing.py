@@ -6,7 +6,7 @@ Runs the `tiny` training step of bench/training.py (the embedded benchmark's mod
 alone with torch's default threads (one per core) and with one thread, then two processes at once, each
 with the default threads (oversubscribed: the situation of two studies on one box) and each with one
 thread (what the study commands do on a machine without CUDA: one single-threaded worker per core,
-lxmert/units.py). "Fair share" is half of what one process alone gets with the default threads.
+lxmert/core/scheduler.py). "Fair share" is half of what one process alone gets with the default threads.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ Overheads against the plain step (same device, precision and batch):
   - "AdamW unfused": the same step with AdamW's per-tensor Python loop (what the trainer used on CPU before
     2026-12-06), to show what the fused kernel saves;
   - "mask enforcer": fixed masks at 50 % sparsity on the prunable set, pruned gradients zeroed before
-    clipping and pruned weights zeroed after the optimizer step (lxmert.masks.MaskEnforcer, as the trainer);
-  - "mask training": lxmert.masktrain.LearnedMasks at 50 % (weights frozen, scores + head trained, as
+    clipping and pruned weights zeroed after the optimizer step (lxmert.prune.masks.MaskEnforcer, as the trainer);
+  - "mask training": lxmert.prune.learned.LearnedMasks at 50 % (weights frozen, scores + head trained, as
     study B's stage 2); the cost of one reset_thresholds() call is reported apart.
 """
 from __future__ import annotations
@@ -29,12 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PeakRSS, append, rss_gib  # noqa: E402
-from lxmert.config import ModelConfig  # noqa: E402
-from lxmert.losses import BCELoss  # noqa: E402
-from lxmert.masks import MaskEnforcer, apply_mask  # noqa: E402
-from lxmert.masktrain import LearnedMasks, top_k_mask  # noqa: E402
-from lxmert.modeling import build_model, prunable_tensors  # noqa: E402
-from lxmert.training import _param_groups, adamw  # noqa: E402
+from lxmert.core.config import ModelConfig  # noqa: E402
+from lxmert.modeling.losses import BCELoss  # noqa: E402
+from lxmert.modeling.vqa import build_model  # noqa: E402
+from lxmert.prune.learned import LearnedMasks, top_k_mask  # noqa: E402
+from lxmert.prune.masks import MaskEnforcer, apply_mask  # noqa: E402
+from lxmert.prune.prunable import prunable_tensors  # noqa: E402
+from lxmert.train.trainer import adamw, param_groups  # noqa: E402
 
 CLIP = 5.0
 
@@ -69,7 +70,7 @@ SIZES = {
 
 
 def random_batch(size: Size, batch: int, device: torch.device, gen: torch.Generator) -> dict:
-    """Inputs shaped like a collated batch of lxmert.data.VQADataset."""
+    """Inputs shaped like a collated batch of lxmert.data.datasets.VQADataset."""
     x1y1 = torch.rand(batch, size.regions, 2, generator=gen) * 0.5
     wh = torch.rand(batch, size.regions, 2, generator=gen) * 0.5
     target = torch.zeros(batch, size.answers)
@@ -120,9 +121,9 @@ class Step:
             named = list(self.model.named_parameters())
         self.params = [p for _, p in named]
         if variant == "unfused":
-            self.optimizer = torch.optim.AdamW(_param_groups(named, 0.01), lr=1e-5, foreach=False, fused=False)
+            self.optimizer = torch.optim.AdamW(param_groups(named, 0.01), lr=1e-5, foreach=False, fused=False)
         else:
-            self.optimizer = adamw(_param_groups(named, 0.01), 1e-5, device)
+            self.optimizer = adamw(param_groups(named, 0.01), 1e-5, device)
         self.model.train()
         self.forward = torch.compile(self._forward) if compile_ else self._forward
 

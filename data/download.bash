@@ -66,7 +66,7 @@ get_vqa_cp_v2() {
 }
 
 # VQA-VS is used as published: its zips stay as they are in data/raw/vqa_vs (Training/Training-Ques.json.zip,
-# Training/Training-Ans.json.zip, Val.zip, IID-Test.zip, OOD-Test.zip); python -m lxmert.prepare vqavs reads the
+# Training/Training-Ans.json.zip, Val.zip, IID-Test.zip, OOD-Test.zip); python -m lxmert prepare vqavs reads the
 # JSON files straight from them (or from extracted copies). A part that is missing or not a real zip (a Git LFS
 # pointer) stops with its name and where else to get it.
 VQAVS_PARTS=(Training/Training-Ques.json.zip Training/Training-Ans.json.zip Val.zip IID-Test.zip OOD-Test.zip)
@@ -92,7 +92,7 @@ get_vqa_vs() {
     if [[ $missing -ne 0 ]]; then
         return 1
     fi
-    echo "have the VQA-VS release in $RAW/vqa_vs (prepare it with python -m lxmert.prepare vqavs, data/README.md)"
+    echo "have the VQA-VS release in $RAW/vqa_vs (prepare it with python -m lxmert prepare vqavs, data/README.md)"
 }
 
 get_features() {

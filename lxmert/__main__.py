@@ -6,21 +6,26 @@ with exit code 2 (bad input), 3 (the loss diverged), 4 (disk full) or 130 (inter
 On a machine without CUDA a study runs as several cooperating worker processes (one per core, one
 intra-op thread each; --workers or LXMERT_WORKERS sets how many): two processes with two threads each on
 two cores run about 4x slower than one, while single-threaded workers share the cores fairly. The
-workers are forks made after the data is loaded; they take units of work under locks (lxmert.units),
+workers are forks made after the data is loaded; they take units of work under locks (lxmert.core.scheduler),
 so the results are those of one process.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
 
-from .config import describe, load_config
-from .errors import failure
+from .core.config import describe, load_config
+from .core.errors import InputError, failure
 
+# Commands with options of their own: python -m lxmert <command> --help
+TOOLS = {"score": ("data.score", "official VQA accuracy of a predictions file"),
+         "prepare": ("data.prepare", "real data -> question files, feature store, tokenizer"),
+         "convert": ("modeling.convert", "the LXMERT release model_LXRT.pth -> a transformers folder + QA head")}
 COMMANDS = {
-    "score": "official VQA accuracy of a predictions file: python -m lxmert score --help",
+    **{name: f"{what}: python -m lxmert {name} --help" for name, (_, what) in TOOLS.items()},
     "check": "validate the config and its overrides, and do nothing else",
     "generate": "write the embedded benchmark of the config (done automatically by the other commands)",
     "pretrain": "make the stand-in pretrained encoder of the embedded benchmark (done automatically when needed)",
@@ -35,10 +40,8 @@ STUDIES = ("finetune", "lottery", "debias")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["score"]:  # the official VQA accuracy of a predictions file (lxmert/score.py)
-        from .score import main as score
-
-        return score(argv[1:])
+    if argv[:1] and argv[0] in TOOLS:
+        return _module(TOOLS[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m lxmert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
@@ -53,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.workers is not None and args.workers < 1:
-            from .errors import InputError
-
             raise InputError(f"--workers {args.workers}: give at least 1")
         if args.command == "check":
             print(f"{args.config or 'defaults'}: valid (experiment '{cfg.experiment}')")
@@ -78,25 +79,24 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-# command -> (module, function) run with the config; imported only when used (torch loads in seconds)
-RUNNERS = {"generate": ("data", "prepare_embedded"), "pretrain": ("pretrain", "run_pretrain"),
-           "finetune": ("finetune", "run_finetune"), "lottery": ("lottery", "run_lottery"),
-           "debias": ("debias", "run_debias"), "plots": ("plots", "redraw_all")}
+# command -> (module, function) run with the config
+RUNNERS = {"generate": ("embedded.generator", "prepare_embedded"), "pretrain": ("embedded.pretrain", "run_pretrain"),
+           "finetune": ("studies.dense", "run_finetune"), "lottery": ("studies.lottery", "run_lottery"),
+           "debias": ("studies.debias", "run_debias"), "plots": ("studies.redraw", "redraw_all")}
+
+
+def _module(name: str):
+    """A module of the package, imported when its command runs: the study modules load torch and transformers
+    (seconds), which `check`, `keys` and --help must not wait for."""
+    return importlib.import_module(f".{name}", __package__)
 
 
 def _run(command: str, cfg, workers: int | None) -> None:
-    import importlib
-
-    from .training import setup_logging
-    from .units import configure_workers
-
     if workers is not None:
         os.environ["LXMERT_WORKERS"] = str(workers)
-    configure_workers(command in STUDIES)
-    if command == "pretrain":
-        setup_logging(cfg)
+    _module("core.scheduler").configure_workers(command in STUDIES)
     module, function = RUNNERS[command]
-    getattr(importlib.import_module(f".{module}", __package__), function)(cfg)
+    getattr(_module(module), function)(cfg)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import pytest
 os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
-from lxmert.benchmark import ensure_embedded
-from lxmert.config import Config, EmbeddedConfig, load_config
+from lxmert.core.config import Config, EmbeddedConfig, load_config
+from lxmert.embedded.generator import ensure_embedded
 
 torch.set_num_threads(1)
 os.environ["LXMERT_WORKERS"] = "1"  # in-process studies run as one process unless a test asks for workers
@@ -35,7 +35,7 @@ def tiny_overrides(root: str | Path, experiment: str = "tiny", epochs: int = 1, 
              "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
              "model.l_layers=1", "model.x_layers=1", "model.r_layers=1", "model.dropout=0.0",
              f"train.epochs={epochs}", f"train.batch_size={batch_size}", "train.lr=0.001",
-             "train.eval_batch_size=200", "train.warmup=0.1", "blind_epochs=2",
+             "train.eval_batch_size=200", "train.warmup=0.1", "blind.epochs=2",
              "lottery.levels=[0.3,0.6]"]
     return items + list(extra or [])
 
@@ -69,7 +69,7 @@ def tiny_cfg(embedded_root) -> Config:
 @pytest.fixture(scope="session")
 def tiny_data(embedded_root):
     """The loaded splits of the tiny config (loading is read-only, so tests may share it)."""
-    from lxmert.data import load_data
+    from lxmert.data.datasets import load_data
 
     return load_data(tiny_config(embedded_root), log=lambda _: None)
 
@@ -79,15 +79,9 @@ def _reset_run_logging():
     """Runs attach file loggers and a metrics path relative to the working directory: drop them after
     each test so a later test in another directory never appends to them."""
     yield
-    import logging
+    from lxmert.core import logs
 
-    from lxmert import training
-
-    logger = logging.getLogger("lxmert")
-    for handler in list(logger.handlers):
-        handler.close()
-        logger.removeHandler(handler)
-    training._METRICS_PATH = None
+    logs.close()
 
 
 LOTTERY_EXTRA = ["lottery.modes=[low_magnitude,random,high_magnitude]", "lottery.levels=[0.3,0.6]"]
@@ -101,7 +95,7 @@ def lottery_run(embedded_root, tmp_path_factory):
     kill-and-resume tests. Returns (working directory, config, result)."""
     import os
 
-    from lxmert.lottery import run_lottery
+    from lxmert.studies.lottery import run_lottery
 
     workdir = tmp_path_factory.mktemp("lottery")
     cfg = tiny_config(embedded_root, extra=LOTTERY_EXTRA)

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from lxmert.answers import AnswerVocab, normalize_answer, official_accuracy, soft_label, soft_score
+from lxmert.data.answers import AnswerVocab, normalize_answer, official_accuracy, soft_label, soft_score
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -54,7 +54,7 @@ def test_official_accuracy_keeps_vqa_eval_quirks():
     assert official_accuracy("Yes", ["yes"] * 10) == 0.0
     assert official_accuracy(" yes\n", ["yes"] * 10) == 1.0
     assert official_accuracy("Yes", ["yes"] * 9 + ["no"]) == 1.0
-    from lxmert.answers import process_punctuation
+    from lxmert.data.answers import process_punctuation
 
     assert process_punctuation("." * 40) == "." * 8
 

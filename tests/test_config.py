@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lxmert.config import Config, ConfigError, load_config, parse_overrides
+from lxmert.core.config import Config, load_config, parse_overrides
+from lxmert.core.errors import ConfigError
+from lxmert.core.paths import Experiment
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "run" / "configs").glob("*.yaml"))
 
@@ -83,8 +85,9 @@ def test_overrides_merge_into_yaml(tmp_path):
     cfg = load_config(path, ["train.epochs=5"])
     assert (cfg.experiment, cfg.train.epochs, cfg.train.lr) == ("mine", 5, 0.01)
     assert cfg.train.batch_size == Config().train.batch_size
-    assert cfg.model_dir == Path("models/mine") and cfg.result_dir == Path("result/mine")
-    assert cfg.log_path == Path("logs/mine.log")
+    paths = Experiment(cfg)
+    assert paths.models == Path("models/mine") and paths.results == Path("result/mine")
+    assert paths.log == Path("logs/mine.log") and paths.metrics == Path("logs/mine.jsonl")
 
 
 def test_unreadable_or_invalid_yaml_names_the_file(tmp_path):

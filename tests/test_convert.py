@@ -1,16 +1,16 @@
 """Converting an LXMERT release checkpoint (original `bert.*` naming) into LxmertModel + answer head."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel
 
-from lxmert.config import ModelConfig
-from lxmert.convert import convert, main
-from lxmert.io import InputError, load_tensors, save_tensors
-from lxmert.modeling import build_model
-
-from pathlib import Path
+from lxmert.core.config import ModelConfig
+from lxmert.core.errors import InputError
+from lxmert.core.files import load_tensors, save_tensors
+from lxmert.modeling.convert import convert, main
+from lxmert.modeling.vqa import build_model
 
 # Real records of the release's answer table (tests/fixtures/lxmert_all_ans_records.json names its source).
 ALL_ANS = json.loads((Path(__file__).parent / "fixtures" / "lxmert_all_ans_records.json").read_text())["records"]
@@ -135,7 +135,7 @@ def test_head_built_for_another_answer_order_is_refused(release, tmp_path, caplo
 
 
 def test_original_answer_conversion_rule():
-    from lxmert.convert import convert_answer
+    from lxmert.modeling.convert import convert_answer
 
     assert [convert_answer(a) for a in ["", "Grey", "The beach.", "an apple", "a man", "Two", "a", "the"]] == \
         ["", "gray", "beach", "apple", "man", "2", "a", "the"]

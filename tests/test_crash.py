@@ -20,10 +20,9 @@ import traceback
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_yaml
 
-STUDY = ["lottery.modes=[random]", "lottery.levels=[0.3,0.6]", "train.save_every_steps=3", "blind_epochs=1",
+STUDY = ["lottery.modes=[random]", "lottery.levels=[0.3,0.6]", "train.save_every_steps=3", "blind.epochs=1",
          "train.batch_size=80"]  # 5 steps an epoch: checkpoints at steps 3, 5 (epoch end), 8, then final
 WORKERS = 2
 
@@ -85,8 +84,9 @@ def _without_seconds(tree):
 
 @pytest.fixture(scope="module")
 def reference(embedded_root, tmp_path_factory):
-    import lxmert.plots  # noqa: F401  (imported once here, not in every fork)
     from transformers import LxmertModel  # noqa: F401
+
+    import lxmert.studies.lottery  # noqa: F401  (imported once here, not in every fork)
 
     base = tmp_path_factory.mktemp("crash")
     config = tiny_yaml(base / "tiny.yaml", embedded_root, epochs=2, extra=STUDY)

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from lxmert.config import ModelConfig
-from lxmert.data import BatchSampler, load_data, load_split
-from lxmert.features import FeatureStore, StoreWriter
-from lxmert.io import InputError
-from lxmert.modeling import build_model
-
 from conftest import tiny_config
+
+from lxmert.core.config import ModelConfig
+from lxmert.core.errors import InputError
+from lxmert.data.datasets import BatchSampler, load_data, load_split
+from lxmert.data.features import FeatureStore, StoreWriter
+from lxmert.modeling.vqa import build_model
 
 
 def test_batch_keys_shapes_and_targets(tiny_data, embedded_root):

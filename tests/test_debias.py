@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from lxmert.debias import run_debias
-from lxmert.io import load_tensors, read_json
-from lxmert.masks import load_mask, measure_mask
+from lxmert.core.files import load_tensors, read_json
+from lxmert.prune.masks import load_mask, measure_mask
+from lxmert.studies.debias import run_debias
 
 MODALITY_SETTING = {"language": 0.3, "vision": 0.5, "cross": 0.7, "pooler": 0.2}
 TARGETS = {"s50": dict.fromkeys(["language", "vision", "cross", "pooler"], 0.5), "l30-v50-x70-p20": MODALITY_SETTING}
@@ -134,7 +134,7 @@ def test_stage2_on_visualbert(embedded_root, tmp_path, monkeypatch):
 
 
 def test_vqa_vs_score_is_the_mean_of_the_ood_sets():
-    from lxmert.debias import debias_table
+    from lxmert.studies.debias_report import debias_table
 
     def accs(values):
         return {k: {"overall": v} for k, v in values.items()}
@@ -150,7 +150,7 @@ def test_vqa_vs_score_is_the_mean_of_the_ood_sets():
 
 
 def test_answer_type_table_is_per_type_mean_over_seeds():
-    from lxmert.debias import answer_type_table
+    from lxmert.studies.debias_report import answer_type_table
 
     def row(seed, yes_no, other):
         final = {"cp_test": {"overall": 50.0, "yes/no": yes_no, "number": 10.0, "other": other}}

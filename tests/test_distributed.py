@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import torch
-
-from lxmert.io import load_tensors
-from lxmert.masks import load_mask
-
 from conftest import cli_env, comparable, tiny_yaml
+
+from lxmert.core.files import load_tensors
+from lxmert.prune.masks import load_mask
 
 RUNS = ["seed_0/init.safetensors", "seed_0/dense/run/final/model.safetensors", "seed_0/dense/run/best/model.safetensors",
         "seed_0/iterative_global/low_magnitude/level_30/run/final/model.safetensors"]

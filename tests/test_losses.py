@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lxmert.config import DebiasConfig
-from lxmert.losses import (BCELoss, LMHLoss, LPFLoss, SparseTargets, make_loss, question_type_prior)
+from lxmert.core.config import DebiasConfig
+from lxmert.modeling.losses import BCELoss, LMHLoss, LPFLoss, SparseTargets, make_loss, question_type_prior
 
 
 def _entropy2(p: float) -> float:
@@ -203,8 +203,9 @@ def test_blind_baseline_trains_with_the_named_loss(tiny_data):
     """The question-only row beside an LMH or LPF row is trained with that loss: LPF's reweighting and LMH's
     prior ensemble give a blind model other predictions than BCE (same seed, data and schedule), and the
     same loss twice gives the same numbers."""
-    from lxmert.blind import train_blind
-    from lxmert.losses import question_type_prior
+    from lxmert.core.config import BlindConfig
+    from lxmert.modeling.losses import question_type_prior
+    from lxmert.train.blind import train_blind
 
     train = tiny_data.train
     sp = train.split
@@ -212,10 +213,10 @@ def test_blind_baseline_trains_with_the_named_loss(tiny_data):
                                 len(tiny_data.qtype_index) + 1, tiny_data.num_answers)
     evals = {"minival": tiny_data.valid}
     vocab = len(tiny_data.tokenizer)
-    runs = {loss: train_blind(train, evals, vocab, seed=0, epochs=2, loss=loss, prior=prior)
+    runs = {loss: train_blind(train, evals, vocab, seed=0, settings=BlindConfig(epochs=2), loss=loss, prior=prior)
             for loss in ("bce", "lmh", "lpf")}
-    assert runs["lpf"] == train_blind(train, evals, vocab, seed=0, epochs=2, loss="lpf", prior=prior)
+    assert runs["lpf"] == train_blind(train, evals, vocab, seed=0, settings=BlindConfig(epochs=2), loss="lpf", prior=prior)
     scores = {loss: r["minival"]["overall"] for loss, r in runs.items()}
     assert scores["lpf"] != scores["bce"] and scores["lmh"] != scores["bce"], scores
     with pytest.raises(ValueError, match="prior"):
-        train_blind(train, evals, vocab, seed=0, epochs=1, loss="lpf", prior=None)
+        train_blind(train, evals, vocab, seed=0, settings=BlindConfig(epochs=1), loss="lpf", prior=None)

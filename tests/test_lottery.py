@@ -7,11 +7,14 @@ import math
 
 import torch
 
-from lxmert import finetune, lottery, training
-from lxmert.io import load_tensors, read_json
-from lxmert.masks import full_mask, load_mask
-from lxmert.modeling import build_model, prunable_tensors
-from lxmert.pruning import prune
+from lxmert.core import logs
+from lxmert.core.files import load_tensors, read_json
+from lxmert.modeling.vqa import build_model
+from lxmert.prune.magnitude import prune
+from lxmert.prune.masks import full_mask, load_mask
+from lxmert.prune.prunable import prunable_tensors
+from lxmert.studies import context, lottery, lottery_report
+from lxmert.train import trainer
 
 MODES = ["low_magnitude", "random", "high_magnitude"]
 ROW_KEYS = {"mode", "seed", "target_sparsity", "measured_sparsity", "accuracy_pruned", "accuracy_rewound",
@@ -136,8 +139,8 @@ def test_rerun_recomputes_nothing(lottery_run, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished study must not train again")
 
-    monkeypatch.setattr(training.Trainer, "_epoch", refuse)
-    monkeypatch.setattr(finetune, "train_blind", refuse)
+    monkeypatch.setattr(trainer.Trainer, "_epoch", refuse)
+    monkeypatch.setattr(context, "train_blind", refuse)
     monkeypatch.setattr(lottery, "prune", refuse)
     again = lottery.run_lottery(cfg)
     assert again["rows"] == json.loads(json.dumps(result["rows"]))
@@ -150,15 +153,15 @@ def test_redraw_rebuilds_the_table_from_json(lottery_run, monkeypatch):
     md = workdir / "result" / "tiny" / "lottery_table.md"
     before = md.read_text()
     md.unlink()
-    lottery.redraw(cfg)
+    lottery_report.redraw(cfg)
     assert md.read_text() == before
 
 
 def test_masks_of_another_prunable_set_are_refused(lottery_run, embedded_root, monkeypatch):
     import pytest
-
     from conftest import LOTTERY_EXTRA, tiny_config
-    from lxmert.io import InputError
+
+    from lxmert.core.errors import InputError
 
     workdir, _, _ = lottery_run
     monkeypatch.chdir(workdir)
@@ -166,7 +169,7 @@ def test_masks_of_another_prunable_set_are_refused(lottery_run, embedded_root, m
     with pytest.raises(InputError, match=r"low_magnitude/settings.json: experiment 'tiny' ran .* with other settings "
                                          r"\(lottery.prunable"):
         lottery.run_lottery(cfg)
-    training._METRICS_PATH = None
+    logs.close()
 
 
 
@@ -175,15 +178,15 @@ def test_changed_settings_are_refused_before_any_work(lottery_run, tmp_path, mon
     import shutil
 
     import pytest
-
     from conftest import LOTTERY_EXTRA, tiny_config
-    from lxmert.io import InputError
+
+    from lxmert.core.errors import InputError
 
     workdir, cfg, _ = lottery_run
     work = tmp_path / "work"
     shutil.copytree(workdir, work)
     monkeypatch.chdir(work)
-    monkeypatch.setattr(training.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
+    monkeypatch.setattr(trainer.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
     changed = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["train.lr=0.002", "model.dropout=0.2"])
     with pytest.raises(InputError, match=r"seed_0/dense/settings.json: experiment 'tiny' ran seed_0/dense with other "
                                          r"settings \(model.dropout 0.0 -> 0.2, train.lr 0.001 -> 0.002\); to run "
@@ -193,7 +196,7 @@ def test_changed_settings_are_refused_before_any_work(lottery_run, tmp_path, mon
     with pytest.raises(InputError, match=r"level_60/level.json: level 0.6 was pruned from level 0.3, lottery.levels "
                                          r"now prunes it from level 0.45; add levels only after the last one"):
         lottery.run_lottery(inserted)
-    training._METRICS_PATH = None
+    logs.close()
 
 
 def test_initial_weights_made_with_other_settings_are_refused(lottery_run, tmp_path, monkeypatch):
@@ -203,9 +206,10 @@ def test_initial_weights_made_with_other_settings_are_refused(lottery_run, tmp_p
     import shutil
 
     import pytest
-
     from conftest import LOTTERY_EXTRA, tiny_config
-    from lxmert.io import InputError, save_tensors, tensor_metadata
+
+    from lxmert.core.errors import InputError
+    from lxmert.core.files import save_tensors, tensor_metadata
 
     workdir, cfg, _ = lottery_run
     work = tmp_path / "work"
@@ -215,30 +219,30 @@ def test_initial_weights_made_with_other_settings_are_refused(lottery_run, tmp_p
     assert json.loads(tensor_metadata(init)["settings"])["model.answer_prior"] is None
     for unit in ("dense", "iterative_global"):
         shutil.rmtree(init.parent / unit)
-    monkeypatch.setattr(training.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
+    monkeypatch.setattr(trainer.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
     changed = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["model.answer_prior=0.01"])
     with pytest.raises(InputError, match=r"seed_0/init.safetensors: initial weights made under other settings "
                                          r"\(model.answer_prior None -> 0.01\); remove .*seed_0 to recompute"):
         lottery.run_lottery(changed)
-    context = finetune.Context.load(tiny_config(cfg.data.root, extra=LOTTERY_EXTRA))
-    assert context.init_weights(0) == init.relative_to(work)  # the same settings: accepted as it is
+    loaded = context.Context.load(tiny_config(cfg.data.root, extra=LOTTERY_EXTRA))
+    assert loaded.init_weights(0) == init.relative_to(work)  # the same settings: accepted as it is
     # A file written before the record existed is compared with what the config builds: equal passes (and
     # leaves every RNG as it was), another answer_prior is refused.
     save_tensors(init, load_tensors(init))
     assert tensor_metadata(init) == {}
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    assert context.init_weights(0) == init.relative_to(work)
+    assert loaded.init_weights(0) == init.relative_to(work)
     assert torch.equal(torch.get_rng_state(), before)
     with pytest.raises(InputError, match=r"seed_0/init.safetensors: initial weights without a settings record "
                                          r"\(written by an older version\) that differ from what this config "
                                          r"builds"):
-        finetune.Context.load(changed).init_weights(0)
-    shifted = finetune.Context.load(tiny_config(cfg.data.root, experiment="tiny_prior",
+        context.Context.load(changed).init_weights(0)
+    shifted = context.Context.load(tiny_config(cfg.data.root, experiment="tiny_prior",
                                                 extra=LOTTERY_EXTRA + ["model.answer_prior=0.01"]))
     bias = load_tensors(shifted.init_weights(0))["head.3.bias"]  # a fresh head: zero biases, shifted once
     torch.testing.assert_close(bias, torch.full_like(bias, math.log(0.01 / 0.99)))
-    training._METRICS_PATH = None
+    logs.close()
 
 
 def test_grid_keys_extend_the_study(lottery_run, tmp_path, monkeypatch):
@@ -252,8 +256,8 @@ def test_grid_keys_extend_the_study(lottery_run, tmp_path, monkeypatch):
     shutil.copytree(workdir, work)
     monkeypatch.chdir(work)
     epochs = []
-    real_epoch = training.Trainer._epoch
-    monkeypatch.setattr(training.Trainer, "_epoch", lambda self: epochs.append(self.spec.tag) or real_epoch(self))
+    real_epoch = trainer.Trainer._epoch
+    monkeypatch.setattr(trainer.Trainer, "_epoch", lambda self: epochs.append(self.spec.tag) or real_epoch(self))
     more = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["lottery.modes=[low_magnitude]",
                                                              "lottery.levels=[0.3,0.6,0.8]", "data.test=[test,cp_test]"])
     extended = lottery.run_lottery(more)
@@ -265,14 +269,15 @@ def test_grid_keys_extend_the_study(lottery_run, tmp_path, monkeypatch):
         assert rows[key]["accuracy_retrained"] == old[key]["accuracy_retrained"]
         assert set(rows[key]["tests"]) == {"test", "cp_test"}, "the new test split is evaluated"
     assert (work / "result/tiny/predictions/seed_0/dense/cp_test.json").exists()
-    training._METRICS_PATH = None
+    logs.close()
 
 
 def test_original_protocol_preset_on_the_tiny_study(embedded_root, tmp_path, monkeypatch):
     """run/configs/vqa_v2_original.yaml's lottery keys: one-shot from the best checkpoint, rounds of 10 % of
     each tensor's survivors (overshooting the level), the original's prunable set with the QA head."""
     from conftest import REPO, tiny_config
-    from lxmert.config import load_config
+
+    from lxmert.core.config import load_config
 
     original = load_config(REPO / "run/configs/vqa_v2_original.yaml").lottery
     patterns = "[" + ",".join(original.prunable) + "]"
@@ -290,7 +295,7 @@ def test_original_protocol_preset_on_the_tiny_study(embedded_root, tmp_path, mon
                                  "mask.safetensors")
     assert "encoder.encoder.visn_fc.visn_fc.weight" in mask and "encoder.encoder.visn_fc.box_fc.weight" not in mask
     assert {"head.0.weight", "head.3.weight"} <= set(mask) and "head" in modalities.values()
-    from lxmert.data import load_data
+    from lxmert.data.datasets import load_data
 
     data = load_data(cfg, log=lambda _: None)
     model = build_model(cfg.model, len(data.tokenizer), 16, data.num_answers)
@@ -298,4 +303,4 @@ def test_original_protocol_preset_on_the_tiny_study(embedded_root, tmp_path, mon
     prunable = prunable_tensors(model, original.prunable)
     expected = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.2, "survivors")
     assert all(torch.equal(mask[k], expected[k]) for k in expected), "pruned from the best checkpoint"
-    training._METRICS_PATH = None
+    logs.close()

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lxmert.config import STUDY_B_PRUNABLE, ModelConfig
-from lxmert.losses import BCELoss
-from lxmert.masktrain import LearnedMasks, ScoreMask, sparsity_report, top_k_mask
-from lxmert.modeling import build_model, prunable_tensors
+from lxmert.core.config import STUDY_B_PRUNABLE, ModelConfig
+from lxmert.modeling.losses import BCELoss
+from lxmert.modeling.vqa import build_model
+from lxmert.prune.learned import LearnedMasks, ScoreMask, sparsity_report, top_k_mask
+from lxmert.prune.prunable import prunable_tensors
 
 SPARSITY = {"language": 0.3, "vision": 0.5, "cross": 0.7, "pooler": 0.25}
 

@@ -6,10 +6,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lxmert.features import FeatureStore, StoreWriter
-from lxmert.io import InputError
-from lxmert.prepare import (VQAVS_OOD, Carve, ImageNamer, RawSplit, main, prepare_features, prepare_questions,
-                            vqavs_layout)
+from lxmert.core.errors import InputError
+from lxmert.data.features import FeatureStore, StoreWriter
+from lxmert.data.prepare import (
+    VQAVS_OOD,
+    Carve,
+    ImageNamer,
+    RawSplit,
+    main,
+    prepare_features,
+    prepare_questions,
+    vqavs_layout,
+)
 
 R, D = 36, 8
 

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lxmert import pretrain
-from lxmert.answers import AnswerVocab
-from lxmert.benchmark import PRETRAIN_ANSWERS
-from lxmert.errors import InputError
-from lxmert.io import load_tensors, read_json
-from lxmert.modeling import HEAD_FILE
-
 from conftest import tiny_config
+
+from lxmert.core.errors import InputError
+from lxmert.core.files import load_tensors, read_json
+from lxmert.data.answers import AnswerVocab
+from lxmert.embedded import pretrain
+from lxmert.embedded.generator import PRETRAIN_ANSWERS
+from lxmert.modeling.vqa import HEAD_FILE
 
 
 def _config(root, export, **extra):
@@ -61,8 +60,8 @@ def test_qa_head_copies_rows_by_answer_and_zeroes_the_rest(standin):
 
 
 def test_study_loads_the_export_and_refuses_other_settings(standin, embedded_root, monkeypatch):
-    from lxmert.data import load_data
-    from lxmert.modeling import build_model
+    from lxmert.data.datasets import load_data
+    from lxmert.modeling.vqa import build_model
 
     cfg, export = standin
     data = load_data(cfg)

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from lxmert.config import ModelConfig
-from lxmert.io import InputError
-from lxmert.masks import apply_mask, full_mask, load_mask, measure_mask, measure_weights, save_mask
-from lxmert.modeling import build_model, prunable_tensors
-from lxmert.pruning import MODES, prune
+from lxmert.core.config import ModelConfig
+from lxmert.core.errors import InputError
+from lxmert.modeling.vqa import build_model
+from lxmert.prune.magnitude import MODES, prune
+from lxmert.prune.masks import apply_mask, full_mask, load_mask, measure_mask, measure_weights, save_mask
+from lxmert.prune.prunable import prunable_tensors
 
 SCOPES = ("global", "layer")
 
@@ -173,7 +174,8 @@ def test_mask_file_roundtrip_is_exact_and_bit_packed(tiny, tmp_path):
     size = path.stat().st_size
     assert n / 8 <= size <= n / 8 + 4096 + 300 * len(mask), f"{size} bytes for {n} weights"
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
-    from lxmert.io import InputError, save_tensors
+    from lxmert.core.errors import InputError
+    from lxmert.core.files import save_tensors
 
     save_tensors(tmp_path / "weights.safetensors", {"a": torch.zeros(3)})
     with pytest.raises(InputError, match="not a mask file"):
@@ -207,7 +209,7 @@ def test_measured_sparsity_comes_from_the_weights(tiny):
 
 def test_survivor_rounds_follow_the_original_and_overshoot(tiny):
     """Hashemi et al.'s rounds of 10 % of each tensor's survivors: 20 % becomes 1 - 0.9^3 = 27.1 %."""
-    from lxmert.pruning import survivor_counts
+    from lxmert.prune.magnitude import survivor_counts
 
     assert survivor_counts([1000], [0], 0.2) == [274]  # 101, 91, 82: round(0.1 x survivors) + 1 a round
     assert survivor_counts([1000, 10], [0, 0], 0.1) == [101, 2]
@@ -229,7 +231,7 @@ def test_survivor_rounds_equal_the_original_cutoff_rule():
     survivors, take the one at index np.round(0.1 * survivors) as cutoff, prune every weight <= cutoff),
     repeated until the whole model reaches the level, on base-size tensors (768 x 768 and 768): the
     per-tensor counts equal survivor_counts'."""
-    from lxmert.pruning import survivor_counts
+    from lxmert.prune.magnitude import survivor_counts
 
     rng = np.random.default_rng(0)
     weights = [rng.normal(size=768 * 768), rng.normal(size=768)]

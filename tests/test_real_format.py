@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from conftest import REPO
 from transformers import BertTokenizer
 
-from conftest import REPO
-from lxmert import prepare
-from lxmert.answers import official_accuracy
-from lxmert.config import load_config
-from lxmert.features import FeatureStore
-from lxmert.finetune import run_finetune
+from lxmert.core.config import load_config
+from lxmert.data import prepare
+from lxmert.data.answers import official_accuracy
+from lxmert.data.features import FeatureStore
+from lxmert.studies.dense import run_finetune
 
 BOXES, FEAT_DIM = 36, 16  # the real box count; a small feature dimension (the real one is 2048)
 
@@ -137,7 +137,7 @@ def test_raw_vqa_v2_and_obj36_tsv_prepare_train_and_evaluate(tmp_path, monkeypat
         "data.valid=val", "data.test=[test]", "model.pretrained=null", f"model.tokenizer={tokenizer}",
         "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
         "model.l_layers=1", "model.x_layers=1", "model.r_layers=1", "model.dropout=0.0",
-        "train.epochs=1", "train.batch_size=20", "train.lr=0.001", "train.eval_batch_size=64", "blind_epochs=2"])
+        "train.epochs=1", "train.batch_size=20", "train.lr=0.001", "train.eval_batch_size=64", "blind.epochs=2"])
     assert cfg.data.dataset == "prepared" and cfg.data.features == "../coco_obj36"  # the config's own store path
 
     result = run_finetune(cfg)

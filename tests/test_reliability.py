@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LOTTERY_EXTRA, cli_env, comparable, tiny_yaml
 
 LEVEL = Path("models/tiny/seed_0/iterative_global")
@@ -23,15 +22,15 @@ HANG_AT_STEP = 6
 # kills at every file-system change instead, in forks; this one kills a real command-line process.)
 HANGING_CLI = f"""
 import pathlib, sys, time
-from lxmert import training
-save = training.Trainer._save_checkpoint
+from lxmert.train import trainer
+save = trainer.Trainer._save_checkpoint
 def save_then_hang(self):
     save(self)
-    if self.folder.parent.name == "level_60" and self.folder.parent.parent.name == "low_magnitude" \\
+    if self.run.folder.parent.name == "level_60" and self.run.folder.parent.parent.name == "low_magnitude" \\
             and self.step == {HANG_AT_STEP}:
         pathlib.Path("checkpointed").write_text("")
         time.sleep(600)
-training.Trainer._save_checkpoint = save_then_hang
+trainer.Trainer._save_checkpoint = save_then_hang
 from lxmert.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -136,8 +135,8 @@ def _store_like(src: Path, folder: Path, num_boxes: int, feat_dim: int, box_widt
     """A feature store with the images of `src` and the given sizes (zeros, or `src`'s scaled boxes)."""
     import numpy as np
 
-    from lxmert.features import FeatureStore
-    from lxmert.io import write_json
+    from lxmert.core.files import write_json
+    from lxmert.data.features import FeatureStore
 
     store = FeatureStore(src)
     folder.mkdir(parents=True)
@@ -305,7 +304,7 @@ def test_bad_data_is_one_error_line_and_writes_nothing(case, embedded_root, tmp_
 
 
 def test_interrupt_is_one_line_and_exit_130(embedded_root, tmp_path, capsys, monkeypatch):
-    from lxmert import lottery
+    from lxmert.studies import lottery
 
     def interrupted(cfg):
         raise KeyboardInterrupt
@@ -363,17 +362,18 @@ DAMAGE = {
 
 
 def _zero_mask(path: Path) -> None:
-    from lxmert.masks import load_mask, save_mask
+    from lxmert.prune.masks import load_mask, save_mask
 
     mask, modalities = load_mask(path)
     first = next(iter(mask))
     save_mask(path, {k: v if k == first else v & False for k, v in mask.items()}, modalities)
     mask, _ = load_mask(path)
     mask[first][:] = False
-    from lxmert.io import save_tensors
     import numpy as np
     import torch
     from safetensors import safe_open
+
+    from lxmert.core.files import save_tensors
 
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
@@ -407,9 +407,9 @@ def test_plots_of_rows_missing_keys_is_one_error_line(lottery_run, tmp_path, cap
 
 
 def test_answers_outside_the_vocabulary_are_counted_not_fatal(embedded_root, tmp_path):
-    from lxmert.data import load_data
-
     from conftest import tiny_config
+
+    from lxmert.data.datasets import load_data
 
     root = _copy_root(embedded_root, tmp_path)
     _edit_json(root / "minival.json", lambda qs: [{**q, "label": {"no-such-answer": 1.0}} if i in (3, 9) else q
@@ -423,14 +423,14 @@ def test_answers_outside_the_vocabulary_are_counted_not_fatal(embedded_root, tmp
 
 
 def test_diverged_training_is_one_error_line(embedded_root, tmp_path, capsys, monkeypatch):
-    from lxmert import finetune
-    from lxmert.training import TrainingDiverged
+    from lxmert.core.errors import TrainingDiverged
+    from lxmert.studies import dense
 
     def diverge(cfg):
         raise TrainingDiverged("dense seed 0: loss became nan at step 13 (epoch 2); last good checkpoint: x/last")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(finetune, "run_finetune", diverge)
+    monkeypatch.setattr(dense, "run_finetune", diverge)
     code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
     assert code == 3 and lines == ["error: dense seed 0: loss became nan at step 13 (epoch 2); "
                                    "last good checkpoint: x/last"]
@@ -438,7 +438,7 @@ def test_diverged_training_is_one_error_line(embedded_root, tmp_path, capsys, mo
 
 def test_full_disk_during_a_run_is_one_error_line(embedded_root, tmp_path, capsys, monkeypatch):
     """The first weights a real fine-tune saves hit a full disk: one line naming them, no temporary left."""
-    from lxmert import io
+    from lxmert.core import files as io
 
     def full(tensors, path, metadata=None):
         Path(path).write_bytes(b"half a file")
@@ -468,7 +468,7 @@ def _killed_inside(manager) -> Path:
 
 
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
-    from lxmert.io import atomic_folder, atomic_path, remove_temporaries
+    from lxmert.core.files import atomic_folder, atomic_path, remove_temporaries
 
     run = tmp_path / "models" / "run"
     stale = [_killed_inside(atomic_path(run / "best" / "model.safetensors")),
@@ -492,8 +492,9 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
 
 def test_unit_cleans_only_its_own_folder_and_only_under_its_lock(tmp_path):
     """Two processes on one experiment: a temporary of a unit another process holds is never removed."""
-    from lxmert.io import FileLock, atomic_path
-    from lxmert.units import Unit, _take
+    from lxmert.core.files import atomic_path
+    from lxmert.core.locks import FileLock
+    from lxmert.core.scheduler import Unit, _take
 
     def unit(name):
         return Unit(name=name, folder=tmp_path / name, work=lambda: None, finished=lambda: False, settings={"a": 1})
@@ -516,9 +517,9 @@ def test_unit_cleans_only_its_own_folder_and_only_under_its_lock(tmp_path):
 def test_a_key_recorded_since_a_later_version_reads_as_its_old_value(tmp_path):
     """A study-B lottery unit recorded before it honoured lottery.scope computed with 'layer': the same
     setting now passes, another one is refused naming the key."""
-    from lxmert.errors import InputError
-    from lxmert.io import write_json
-    from lxmert.units import Unit, check_settings
+    from lxmert.core.errors import InputError
+    from lxmert.core.files import write_json
+    from lxmert.core.scheduler import Unit, check_settings
 
     write_json(tmp_path / "settings.json", {"train.lr": 0.1})
     # (key, value, refusal expected or None); model.answer_prior: a unit recorded before the key existed
@@ -543,7 +544,7 @@ def test_full_disk_in_any_writer_names_the_path_and_keeps_the_old_file(tmp_path,
 
     import torch
 
-    from lxmert import io
+    from lxmert.core import files as io
 
     path = tmp_path / "last" / "model.safetensors"
     io.save_tensors(path, {"w": torch.ones(3)})
@@ -598,9 +599,10 @@ def test_full_disk_in_any_writer_names_the_path_and_keeps_the_old_file(tmp_path,
 def test_setup_logging_twice_closes_the_old_file(embedded_root, tmp_path, monkeypatch):
     import logging
 
-    from lxmert.training import setup_logging
-
     from conftest import tiny_config
+
+    from lxmert.core.logs import setup_logging
+    from lxmert.core.paths import Experiment
 
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(embedded_root)
@@ -612,15 +614,15 @@ def test_setup_logging_twice_closes_the_old_file(embedded_root, tmp_path, monkey
     assert len(first) == len(files) == 1 and len(logger.handlers) == 2
     assert first[0].stream is None, "the replaced handler's file is closed"
     logger.info("once")
-    assert (tmp_path / cfg.log_path).read_text().count("once") == 1
+    assert (tmp_path / Experiment(cfg).log).read_text().count("once") == 1
 
 
 def test_experiment_made_with_other_data_is_refused(embedded_root, tmp_path, monkeypatch):
     """Finished runs are never mixed with new data: models/<exp>/data.json records the data they used."""
-    from lxmert.finetune import check_data_fingerprint
-    from lxmert.io import InputError
-
     from conftest import tiny_config
+
+    from lxmert.core.errors import InputError
+    from lxmert.studies.context import check_data_fingerprint
 
     root = _copy_root(embedded_root, tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -641,11 +643,11 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
 
     import torch
 
-    from lxmert import io
+    from lxmert.core import files as io
 
     old = os.umask(0o022)
     try:
-        io._UMASK = 0o022
+        io.UMASK = 0o022
         io.save_tensors(tmp_path / "w.safetensors", {"a": torch.ones(2)})
         io.write_json(tmp_path / "x.json", {})
         with io.atomic_folder(tmp_path / "store") as tmp:
@@ -653,5 +655,5 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     finally:
         os.umask(old)
-        io._UMASK = old
+        io.UMASK = old
     assert modes == {"w.safetensors": 0o644, "x.json": 0o644, "store": 0o755}

@@ -1,8 +1,8 @@
-"""python -m lxmert.score gives the official VQA evaluation's numbers, question by question.
+"""python -m lxmert score gives the official VQA evaluation's numbers, question by question.
 
 The reference below is a second, deliberately literal reading of the official algorithm
 (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py, VQAEval.evaluate / processPunctuation /
-processDigitArticle / setAccuracy), written loop by loop in the test, independent of lxmert.answers. The
+processDigitArticle / setAccuracy), written loop by loop in the test, independent of lxmert.data.answers. The
 fixture answers are real VQA-VS records (tests/fixtures/vqa_vs_val_records.json) plus hand-made cases for
 every rule: punctuation next to spaces, digit-comma-digit numbers, decimals, number words, articles,
 contractions, capitals, newlines and tabs, all-identical answers (no normalisation there), fewer than ten
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lxmert.score import main
+from lxmert.data.score import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -137,7 +137,7 @@ def test_scores_equal_the_official_algorithm_question_by_question(tmp_path, caps
     res = {p["question_id"]: p["answer"] for p in predictions}
     per_q, acc_qa, acc_ques, acc_ans = ref_evaluate(gts, res)
 
-    from lxmert.answers import official_accuracy
+    from lxmert.data.answers import official_accuracy
 
     for qid, a in gts.items():
         mine = official_accuracy(res[qid], [x["answer"] for x in a["answers"]])
@@ -155,7 +155,7 @@ def test_scores_equal_the_official_algorithm_question_by_question(tmp_path, caps
 
 def test_a_subset_and_a_prepared_split_score_the_same(tmp_path):
     """An OOD-style subset scored from the superset's predictions, and the same questions prepared."""
-    from lxmert.prepare import ImageNamer, RawSplit, prepare_questions
+    from lxmert.data.prepare import ImageNamer, RawSplit, prepare_questions
 
     paths, annotations, predictions = _write(tmp_path)
     subset = [q for q in json.loads(paths["questions"].read_text())["questions"] if q["question_id"] % 2 == 0]

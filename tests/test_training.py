@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-
-from lxmert.finetune import Context
-from lxmert.io import InputError, load_state, load_tensors, save_tensors
-from lxmert.masks import full_mask
-from lxmert.modeling import build_model, prunable_tensors
-from lxmert.pruning import prune
-from lxmert.training import (RunSpec, Trainer, adamw, TrainingDiverged, check_compatible, check_masked, checkpoints,
-                             load_weights, run_summary)
-
 from conftest import tiny_config
+
+from lxmert.core.errors import InputError, TrainingDiverged
+from lxmert.core.files import load_state, load_tensors, save_tensors
+from lxmert.core.paths import Run
+from lxmert.modeling.vqa import build_model
+from lxmert.prune.magnitude import prune
+from lxmert.prune.masks import full_mask
+from lxmert.prune.prunable import prunable_tensors
+from lxmert.studies.context import Context
+from lxmert.train.checkpoints import check_compatible, check_masked, load_weights, run_summary
+from lxmert.train.trainer import RunSpec, Schedule, Trainer, adamw
 
 STEPS_PER_EPOCH = 10  # 400 training questions, batch 40
 
@@ -36,11 +39,16 @@ def ctx(embedded_root, tiny_data):
     return Context(tiny_config(embedded_root, extra=["model.dropout=0.1", "train.weight_decay=0.1"]), tiny_data)
 
 
+def _spec(ctx, folder, model, epochs, tag="test", lr=None, seed=0, cfg=None, **kwargs) -> RunSpec:
+    """A run of the train section's schedule with `epochs` (and `lr`) of its own."""
+    schedule = Schedule.of(cfg or ctx.cfg, epochs=epochs, **({"lr": lr} if lr else {}))
+    return RunSpec(run=Run(folder), seed=seed, tag=tag, loss=ctx.loss("bce", model, 0), schedule=schedule, **kwargs)
+
+
 def _fit(ctx, folder, epochs=2, seed=0, **spec_kwargs):
     model = ctx.new_model(seed)
-    spec = RunSpec(folder=folder, seed=seed, loss=ctx.loss("bce", model, 0), epochs=epochs, lr=ctx.cfg.train.lr,
-                   tag="test", **spec_kwargs)
-    return model, Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+    spec = _spec(ctx, folder, model, epochs, seed=seed, **spec_kwargs)
+    return model, Trainer(model, ctx.data.train, ctx.data.valid, spec).fit()
 
 
 def _without_seconds(history: list[dict]) -> list[dict]:
@@ -82,8 +90,8 @@ def test_run_writes_checkpoints_and_summary(reference):
     assert summary["final"]["questions"] == 150 and 0 <= summary["final"]["overall"] <= 100
     for name in ("final/model.safetensors", "final/summary.json", "best/model.safetensors"):
         assert (folder / name).exists(), name
-    assert run_summary(folder) == summary
-    assert checkpoints(folder) == [], "a finished run keeps no optimizer state"
+    assert run_summary(Run(folder)) == summary
+    assert Run(folder).checkpoints() == [], "a finished run keeps no optimizer state"
     assert _same_weights_as_file(model, folder / "final" / "model.safetensors")
 
 
@@ -99,9 +107,8 @@ def test_pruned_weights_stay_exactly_zero(ctx, tmp_path):
         zeros = sum(int((model.get_parameter(n)[~m] == 0).sum()) for n, m in mask.items())
         zeros_seen.append(zeros)
 
-    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model, 0), epochs=1, lr=ctx.cfg.train.lr,
-                   masks=mask, after_step=check, tag="masked")
-    Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+    spec = _spec(ctx, tmp_path / "run", model, 1, masks=mask, after_step=check, tag="masked")
+    Trainer(model, ctx.data.train, ctx.data.valid, spec).fit()
     assert zeros_seen == [pruned_count] * STEPS_PER_EPOCH
     moved = sum(int((model.get_parameter(n)[m] != before[n][m]).sum()) for n, m in mask.items())
     assert moved > 0.5 * sum(int(m.sum()) for m in mask.values()), "the kept weights must train"
@@ -111,9 +118,8 @@ def test_pruned_weights_stay_exactly_zero(ctx, tmp_path):
     for name, keep in mask.items():
         with torch.no_grad():
             regrown.get_parameter(name).masked_fill_(~keep, 0)
-    spec = RunSpec(folder=tmp_path / "free", seed=0, loss=ctx.loss("bce", regrown, 0), epochs=1, lr=ctx.cfg.train.lr,
-                   tag="free")
-    Trainer(ctx.cfg, regrown, ctx.data.train, ctx.data.valid, spec).fit()
+    spec = _spec(ctx, tmp_path / "free", regrown, 1, tag="free")
+    Trainer(regrown, ctx.data.train, ctx.data.valid, spec).fit()
     assert sum(int((regrown.get_parameter(n)[~m] == 0).sum()) for n, m in mask.items()) < pruned_count // 2
 
 
@@ -136,7 +142,7 @@ def test_interrupted_run_resumes_exactly(ctx, reference, tmp_path, save_every, f
         with pytest.raises(Interrupt):
             _fit(ctx, folder, after_step=_raise_at(fail_at))
         assert not (folder / "final").exists()
-        [newest] = checkpoints(folder)
+        [newest] = Run(folder).checkpoints()
         state = load_state(newest / "trainer.pt")
         assert state["step"] == resumed_at and len(state["history"]) == 1
         steps = []
@@ -159,11 +165,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ctx, tmp_path):
             with torch.no_grad():
                 model.head[3].bias.fill_(float("nan"))
 
-    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=ctx.cfg.train.lr,
-                   after_step=poison, tag="poisoned")
+    spec = _spec(ctx, folder, model, 2, after_step=poison, tag="poisoned")
     with pytest.raises(TrainingDiverged, match=rf"at step {STEPS_PER_EPOCH + 3} \(epoch 2\)") as info:
-        Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
-    [newest] = checkpoints(folder)
+        Trainer(model, ctx.data.train, ctx.data.valid, spec).fit()
+    [newest] = Run(folder).checkpoints()
     assert f"last good checkpoint: {newest} (rerun resumes from it)" in str(info.value)
     assert load_state(newest / "trainer.pt")["step"] == STEPS_PER_EPOCH
     weights = load_tensors(newest / "model.safetensors")
@@ -178,10 +183,9 @@ def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(ctx, tmp_path):
         with torch.no_grad():
             model.head[3].bias.fill_(float("nan"))
 
-    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=ctx.cfg.train.lr,
-                   after_step=poison, tag="poisoned")
+    spec = _spec(ctx, tmp_path / "run", model, 2, after_step=poison, tag="poisoned")
     with pytest.raises(TrainingDiverged, match=r"at step 2 \(epoch 1\); no checkpoint was written yet"):
-        Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+        Trainer(model, ctx.data.train, ctx.data.valid, spec).fit()
 
 
 def test_weights_of_another_config_are_refused(ctx, tiny_data, tmp_path):
@@ -207,10 +211,10 @@ def test_resume_from_another_config_is_refused(ctx, interrupted, tiny_data, tmp_
     shutil.copytree(interrupted, folder)
     other = Context(tiny_config(ctx.cfg.data.root, extra=["model.intermediate_size=48"]), tiny_data)
     model = other.new_model(0)
-    spec = RunSpec(folder=folder, seed=0, loss=other.loss("bce", model, 0), epochs=2, lr=1e-3, tag="other")
+    spec = _spec(other, folder, model, 2, lr=1e-3, tag="other")
     with pytest.raises(InputError, match=r"ckpt-0+10-0001-0+/model.safetensors does not match this config: "
                                          r"'model\..*' has shape"):
-        Trainer(other.cfg, model, tiny_data.train, tiny_data.valid, spec).fit()
+        Trainer(model, tiny_data.train, tiny_data.valid, spec).fit()
 
 
 def test_resume_with_another_prunable_set_is_refused(ctx, interrupted, tmp_path):
@@ -219,10 +223,10 @@ def test_resume_with_another_prunable_set_is_refused(ctx, interrupted, tmp_path)
     shutil.copytree(interrupted, folder)
     model = ctx.new_model(0)
     mask = full_mask(model, prunable_tensors(model, ["encoder.embeddings.word_embeddings.weight", "encoder.encoder.*"]))
-    spec = RunSpec(folder=folder, seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=1e-3, masks=mask, tag="m")
+    spec = _spec(ctx, folder, model, 2, lr=1e-3, masks=mask, tag="m")
     with pytest.raises(InputError, match=r"/trainer.pt was trained with another prunable set than this "
                                          rf"config: 0 masked tensors there, {len(mask)} here; not masked there: "):
-        Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+        Trainer(model, ctx.data.train, ctx.data.valid, spec).fit()
     check_masked(["a", "b"], ["a", "b"], folder)
     check_masked(["a"], None, folder)
     with pytest.raises(InputError, match=r"not masked there: \[\], not masked here: \['model.embeddings.weight'\]"):
@@ -232,10 +236,10 @@ def test_resume_with_another_prunable_set_is_refused(ctx, interrupted, tmp_path)
 def test_a_split_too_small_for_one_step_is_refused(ctx):
     model = ctx.new_model(0)
     cfg = tiny_config(ctx.cfg.data.root, batch_size=400, extra=["train.grad_accum=2"])
-    spec = RunSpec(folder=ctx.cfg.model_dir, seed=0, loss=ctx.loss("bce", model, 0), epochs=1, lr=1e-3)
+    spec = _spec(ctx, Path("unused"), model, 1, lr=1e-3, cfg=cfg)
     with pytest.raises(InputError, match=r"400 training questions give no optimizer step with "
                                          r"a batch size of 400 over 1 process\(es\) and train.grad_accum=2"):
-        Trainer(cfg, model, ctx.data.train, ctx.data.valid, spec)
+        Trainer(model, ctx.data.train, ctx.data.valid, spec)
 
 
 def test_fresh_run_does_not_depend_on_what_the_process_ran_before(ctx, reference, tmp_path):
@@ -243,9 +247,8 @@ def test_fresh_run_does_not_depend_on_what_the_process_ran_before(ctx, reference
     _, ref_model, ref_summary = reference
     model = ctx.new_model(0)
     torch.rand(12345), torch.randn(3, 3)  # what an earlier run in the same process would have drawn
-    spec = RunSpec(folder=tmp_path / "run", seed=0, loss=ctx.loss("bce", model, 0), epochs=2, lr=ctx.cfg.train.lr,
-                   tag="test")
-    summary = Trainer(ctx.cfg, model, ctx.data.train, ctx.data.valid, spec).fit()
+    spec = _spec(ctx, tmp_path / "run", model, 2, tag="test")
+    summary = Trainer(model, ctx.data.train, ctx.data.valid, spec).fit()
     assert _without_seconds(summary["history"]) == _without_seconds(ref_summary["history"])
     assert _same_weights(model, ref_model)
 

@@ -1,0 +1,62 @@
+"""The prunable set: which weight tensors pruning and mask training act on, and the modality (language /
+vision / cross / pooler / head) each belongs to. Study A's default set and study B's masked set are config
+defaults (core.config PRUNABLE_DEFAULT, STUDY_B_PRUNABLE): glob patterns over parameter names."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from torch import nn
+
+from ..core.config import PRUNABLE_DEFAULT
+from ..core.errors import InputError
+from ..modeling.vqa import VQAModel
+
+MODALITIES = ("language", "vision", "cross", "pooler", "head")
+
+
+@dataclass(frozen=True)
+class PrunableTensor:
+    name: str
+    modality: str
+
+
+def _modality(family: str, name: str) -> Optional[str]:
+    """Modality of a prunable weight by its parameter name (None: none of the model's modalities)."""
+    if name.startswith("head."):
+        return "head"
+    if family == "lxmert":
+        if name.startswith(("encoder.encoder.layer.", "encoder.embeddings.word_embeddings.")):
+            return "language"
+        if name.startswith(("encoder.encoder.r_layers.", "encoder.encoder.visn_fc.")):
+            return "vision"
+        if name.startswith("encoder.encoder.x_layers."):
+            return "cross"
+        if name.startswith("encoder.pooler."):
+            return "pooler"
+        return None
+    if name.startswith("encoder.embeddings.word_embeddings."):
+        return "language"
+    if name.startswith("encoder.embeddings.visual_projection."):
+        return "vision"
+    if name.startswith("encoder.encoder.layer."):
+        return "cross"
+    if name.startswith("encoder.pooler."):
+        return "pooler"
+    return None
+
+
+def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT) -> list[PrunableTensor]:
+    """The prunable set: the weight matrices of Linear and Embedding modules whose parameter name matches
+    one of the glob patterns (fnmatch), in model order. Biases and LayerNorm weights are never candidates.
+    Each tensor's modality (language / vision / cross / pooler / head) comes from its name; a pattern
+    that matches nothing is an error (a typo must not silently shrink the set)."""
+    candidates = [f"{name}.weight" for name, module in model.named_modules()
+                  if isinstance(module, (nn.Linear, nn.Embedding))]
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
+    if unused:
+        raise InputError(f"prunable pattern(s) {unused} match no Linear or Embedding weight of this "
+                         f"{model.family} model (names look like {candidates[0]}, {candidates[-1]})")
+    return [PrunableTensor(c, _modality(model.family, c) or "other") for c in candidates
+            if any(fnmatch.fnmatchcase(c, p) for p in patterns)]

@@ -1,0 +1,121 @@
+"""Stage 0 of every study: the dense fine-tune of each seed, its evaluation and the question-only baseline.
+
+models/<experiment>/seed_<s>/dense/        the unit: run/ (training run) + result.json (rows.DenseRow)
+result/<experiment>/finetune.json, .png    per seed: final/best accuracy, question-only accuracy, curves
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+
+from ..core import distributed as dist
+from ..core import paths
+from ..core.config import Config
+from ..core.files import atomic_folder, read_object, write_json
+from ..core.paths import Run
+from ..core.scheduler import Unit, run_units
+from ..core.settings import DATA_KEYS, TRAIN_KEYS, model_keys, unit_settings
+from ..modeling.vqa import VQAModel
+from ..train.checkpoints import load_weights
+from ..train.trainer import RunSpec, Schedule
+from .context import Context, tables_lock
+from .figures import plot_finetune
+from .rows import DENSE_KEYS, DenseRow, as_json, complete
+
+log = logging.getLogger("lxmert")
+
+
+def dense_settings(cfg: Config, loss: Optional[str] = None) -> dict:
+    """The settings a dense fine-tune (and its question-only baseline) is computed with."""
+    keys = DATA_KEYS + model_keys() + TRAIN_KEYS + ["blind", "lottery.rewind_steps"]
+    return unit_settings(cfg, keys, **({"train__loss": loss} if loss else {}))
+
+
+def dense(ctx: Context, seed: int, loss: str, run: Run, capture_step: int = 0) -> tuple[VQAModel, dict]:
+    """Fine-tune the full model of one seed from its initial weights; returns the model at its final
+    weights and the run's summary."""
+    init = ctx.init_weights(seed)
+    model = ctx.new_model(seed)
+    load_weights(model, init)
+    spec = RunSpec(run=run, seed=seed, tag=f"seed {seed} dense {loss}", loss=ctx.loss(loss, model, seed),
+                   schedule=Schedule.of(ctx.cfg), capture_step=capture_step)
+    return model, ctx.train(model, spec)
+
+
+def dense_unit(ctx: Context, seed: int) -> Unit:
+    cfg, name = ctx.cfg, paths.dense(seed)
+    folder = ctx.paths.unit(name)
+    run = ctx.paths.run(name)
+
+    def work() -> None:
+        started = time.time()
+        model, summary = dense(ctx, seed, cfg.train.loss, run, capture_step=cfg.lottery.rewind_steps)
+        load_weights(model, run.best)
+        tests = ctx.evaluate_and_predict(model, name)
+        blind = ctx.blind(seed, cfg.train.loss)
+        row = DenseRow(seed=seed, loss=cfg.train.loss, final=summary["final"], best=summary["best"],
+                       best_epoch=summary["best_epoch"], tests={k: v for k, v in tests.items() if k != cfg.data.valid},
+                       blind=blind, splits=ctx.splits, seconds=round(time.time() - started, 1),
+                       epochs=[{"epoch": r["epoch"], "loss": r["loss"], "valid": r["valid"]["overall"]}
+                               for r in summary["history"]])
+        if dist.is_main():
+            write_json(folder / paths.RESULT, as_json(row))
+        log.info("seed %d: valid %.2f (best epoch %d: %.2f), question-only %.2f", seed, summary["final"]["overall"],
+                 summary["best_epoch"], summary["best"]["overall"], blind[cfg.data.valid]["overall"])
+
+    return Unit(name=name, folder=folder, work=work,
+                finished=lambda: complete(folder / paths.RESULT, DenseRow, ctx.splits, "result row"),
+                settings=dense_settings(cfg), cleanup=(ctx.paths.predictions(name),))
+
+
+def dense_rows(ctx: Context) -> dict[str, dict]:
+    return {str(s): read_object(ctx.paths.unit(paths.dense(s)) / paths.RESULT, DENSE_KEYS, "dense result")
+            for s in ctx.cfg.seeds}
+
+
+def run_finetune(cfg: Config, ctx: Optional[Context] = None) -> Optional[dict]:
+    """Dense fine-tune + evaluation + blind baseline for every seed; writes finetune.json and a plot when
+    every seed is finished (by this process or others)."""
+    ctx = ctx or Context.load(cfg)
+    if not run_units([dense_unit(ctx, s) for s in cfg.seeds], cfg.experiment):
+        return None
+    with tables_lock(cfg):
+        return write_finetune(ctx)
+
+
+def write_finetune(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    seeds = dense_rows(ctx)
+    result = {"experiment": cfg.experiment, "valid_split": cfg.data.valid, "seeds": seeds,
+              "mean": _mean_over_seeds(seeds, cfg.data.valid)}
+    if dist.is_main():
+        write_json(ctx.paths.result("finetune.json"), result)
+        plot_finetune(result, ctx.paths.result("finetune.png"))
+        if cfg.model.export:
+            export_encoder(ctx, cfg.seeds[0], cfg.model.export)
+    return result
+
+
+def export_encoder(ctx: Context, seed: int, folder: str) -> None:
+    """Save the best model's encoder (transformers format) and the tokenizer it was trained with, so
+    another config can start from it with model.pretrained, like from released weights."""
+    model = ctx.new_model(seed)
+    load_weights(model, ctx.paths.run(paths.dense(seed)).best)
+    with atomic_folder(folder, overwrite=True) as tmp:
+        model.encoder.save_pretrained(str(tmp))
+        ctx.data.tokenizer.save_pretrained(str(tmp))
+    log.info("exported the encoder of seed %d to %s", seed, folder)
+
+
+def _mean_over_seeds(seeds: dict, valid: str) -> dict:
+    out = {}
+    for k in ("final", "best"):
+        vals = [s[k]["overall"] for s in seeds.values()]
+        out[k] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals)), 4), "seeds": len(vals)}
+    valid_blind = [s["blind"][valid]["overall"] for s in seeds.values()]
+    out["blind"] = {"mean": round(float(np.mean(valid_blind)), 4), "std": round(float(np.std(valid_blind)), 4),
+                    "seeds": len(valid_blind)}
+    return out
