@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import traceback
 
+from .core.cli import Parser
 from .core.config import describe, load_config
 from .core.errors import InputError, failure
 
@@ -33,6 +35,9 @@ COMMANDS = {
     "lottery": "lottery-ticket study: dense fine-tune, then pruning levels x modes x seeds",
     "debias": "compress-and-debias study: stage 1 / 2 / 3 grid",
     "plots": "redraw plots and tables from the JSON results of the config's experiment",
+    "evaluate": "accuracy of a finished unit (--unit) on the config's splits or the --split ones",
+    "predict": "a test-server submission (EvalAI format) of a finished unit (--unit) for --split, to --out",
+    "export": "a finished unit (--unit) as a folder transformers loads, with its mask and a model card (--out)",
     "keys": "list every config key with its default and help",
 }
 STUDIES = ("finetune", "lottery", "debias")
@@ -42,12 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in TOOLS:
         return _module(TOOLS[argv[0]][0]).main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m lxmert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m lxmert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
     parser.add_argument("--config", help="experiment YAML file (run/configs/*.yaml)")
     parser.add_argument("--workers", type=int, help="cooperating worker processes of a study (default: the CPU "
                                                     "cores on a machine without CUDA, else 1; LXMERT_WORKERS)")
+    parser.add_argument("--unit", help="evaluate / predict / export: a finished unit, named as its folder under "
+                                       "models/<experiment>/, e.g. seed_0/dense or seed_0/bce-lpf/s50/stage3")
+    parser.add_argument("--split", action="append", default=[], help="evaluate: a split to score (repeatable; "
+                                                                     "default: the config's); predict: the split")
+    parser.add_argument("--weights", choices=("best", "final"), default="best",
+                        help="evaluate / predict / export: the best-on-valid weights (default) or the last epoch's")
+    parser.add_argument("--out", help="predict: the submission file; export: the folder")
+    parser.add_argument("--overwrite", action="store_true", help="export: replace a non-empty --out folder")
     parser.add_argument("overrides", nargs="*", help="single values, e.g. train.epochs=2 seeds=[0,1]")
     args = parser.parse_intermixed_args(argv)
     if args.command == "keys":
@@ -60,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             print(f"{args.config or 'defaults'}: valid (experiment '{cfg.experiment}')")
             return 0
+        _check_unit_options(args)
         _quiet_transformers()
-        _run(args.command, cfg, args.workers)
+        _run(args, cfg)
         return 0
     except BaseException as e:  # noqa: B036 - every error becomes its one line and exit code
         code, line = failure(e)
@@ -91,11 +104,38 @@ def _module(name: str):
     return importlib.import_module(f".{name}", __package__)
 
 
-def _run(command: str, cfg, workers: int | None) -> None:
-    if workers is not None:
-        os.environ["LXMERT_WORKERS"] = str(workers)
-    _module("core.scheduler").configure_workers(command in STUDIES)
-    module, function = RUNNERS[command]
+UNIT_COMMANDS = ("evaluate", "predict", "export")
+
+
+def _check_unit_options(args: argparse.Namespace) -> None:
+    """The options of the unit commands, before any work."""
+    if args.command in UNIT_COMMANDS and not args.unit:
+        raise InputError(f"{args.command} needs --unit (a finished unit, e.g. seed_0/dense)")
+    if args.command == "export" and not args.out:
+        raise InputError("export needs --out (the folder to write)")
+    if args.command == "predict" and len(args.split) != 1:
+        raise InputError("predict needs one --split (the question file to answer, e.g. test)")
+    if args.command not in UNIT_COMMANDS and (args.unit or args.split or args.out or args.overwrite):
+        raise InputError(f"--unit, --split, --out and --overwrite are options of {', '.join(UNIT_COMMANDS)}, "
+                         f"not of {args.command}")
+
+
+def _run(args: argparse.Namespace, cfg) -> None:
+    if args.workers is not None:
+        os.environ["LXMERT_WORKERS"] = str(args.workers)
+    scheduler = _module("core.scheduler")
+    scheduler.poll_seconds()  # LXMERT_POLL_SECONDS and LXMERT_WORKERS are checked before any work
+    scheduler.configure_workers(args.command in STUDIES)
+    if args.command in UNIT_COMMANDS:
+        saved = _module("studies.saved")
+        if args.command == "evaluate":
+            print(json.dumps(saved.evaluate_unit(cfg, args.unit, args.split, args.weights), indent=1))
+        elif args.command == "predict":
+            saved.predict_unit(cfg, args.unit, args.split[0], args.out, args.weights)
+        else:
+            saved.export_unit(cfg, args.unit, args.out, args.overwrite, args.weights)
+        return
+    module, function = RUNNERS[args.command]
     getattr(_module(module), function)(cfg)
 
 

@@ -55,6 +55,14 @@ else
 fi
 export PY
 
+# A CPU build of torch on a machine whose nvidia-smi sees a GPU (an environment made on a login node without
+# one): say so here; a study on real data refuses to start on it (lxmert/core/environment.py).
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 \
+    && [ -z "$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)" ]; then
+  echo "setup: warning: nvidia-smi sees a GPU but $PY has a CPU build of torch; install the CUDA build:" \
+       "$PY -m pip install --force-reinstall torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" >&2
+fi
+
 # Runs `python -m lxmert <command> --config $CONFIG "$@"`, on NPROC processes through torchrun when NPROC > 1.
 # The config and every override are checked first (a fraction of a second), before any other work.
 launch() {

@@ -111,6 +111,28 @@ def lottery_run(embedded_root, tmp_path_factory):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _repository_files() -> set[str]:
+    """Every untracked or ignored file of the checkout (caches, the environment and sources being edited aside):
+    what a test wrote into the repository (models/, result/, logs/, data/, ...) instead of its temporary folder."""
+    import subprocess
+
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    skip = ("__pycache__", ".venv/", ".pytest_cache", ".ruff_cache")
+    sources = ("lxmert/", "tests/", "bench/", "docs/", "run/")
+    return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!") and not any(s in line for s in skip)
+            and not (line[3:].startswith(sources) and line.endswith((".py", ".md", ".yaml", ".bash")))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_written_into_the_repository():
+    """The suite writes only into its temporary folders: the checkout is as it was at the end."""
+    before = _repository_files()
+    yield
+    written = sorted(_repository_files() - before)
+    assert not written, f"tests wrote into the repository: {written[:10]}"
+
+
 def cli_env() -> dict:
     """Environment of a `python -m lxmert` subprocess: this checkout importable, one thread, no bars."""
     import os
@@ -123,5 +145,5 @@ def cli_env() -> dict:
 
 
 def comparable(rows: list[dict]) -> list[dict]:
-    """Lottery rows without their wall-clock time."""
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    """Lottery rows without their wall-clock time and what they ran on (processes, commit)."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "environment")} for r in rows]

@@ -116,3 +116,19 @@ def test_exponent_floats_and_bad_list_elements():
     assert load_config(None, ["train.weight_decay=0"]).train.weight_decay == 0.0
     assert "'lottery.levels'" in _error(["lottery.levels=[0.1,x]"])
     assert "'debias.modality_sparsities'" in _error(["debias.modality_sparsities=[[0.1,0.2]]"])
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train:\n  epochs: 2\n  epochs: 3\n", "line 3, column 3: key 'epochs' is given twice"),
+    ("experiment: a\nexperiment: b\n", "line 2, column 1: key 'experiment' is given twice"),
+    ("seeds: &a [*a]\n", "nested more than 20 levels deep (or an anchor that contains itself)"),
+    ("seeds: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than 20 levels deep"),
+])
+def test_yaml_that_would_be_read_wrongly_is_one_error(tmp_path, text, words):
+    """A key given twice (PyYAML keeps the last silently), an anchor that contains itself and a 3,000-deep
+    nesting (RecursionError) are one ConfigError naming the file."""
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="^" + str(path).replace(".", r"\.") + ": .*" + words.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        load_config(path)

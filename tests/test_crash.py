@@ -37,7 +37,7 @@ def _wait(pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _start(work: Path, config: Path, env: dict) -> int:
+def _start(work: Path, config: Path, env: dict, command: str = "lottery") -> int:
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 98
@@ -46,7 +46,7 @@ def _start(work: Path, config: Path, env: dict) -> int:
             os.environ.update(env)
             from lxmert.__main__ import main
 
-            code = main(["lottery", "--config", str(config)])
+            code = main([command, "--config", str(config)])
         except BaseException:
             traceback.print_exc()
         finally:
@@ -140,3 +140,48 @@ def _check(work: Path, code: int, point: str, expected: dict, failures: list[str
     temporaries = [p for p in work.rglob("*") if ".lxmert-" in p.name]
     assert not temporaries, f"kill at {point} left {temporaries}"
     shutil.rmtree(work)
+
+
+# -- the stand-in pretraining ----------------------------------------------------------------------------
+
+PRETRAIN = ["pretrain.epochs=3", "pretrain.batch_size=16"]  # checkpoints after epochs 1 and 2, then the export
+
+
+def _pretrain_fork(work: Path, config: Path, env: dict) -> int:
+    return _wait(_start(work, config, env, command="pretrain"))
+
+
+def _export_digest(work: Path) -> dict[str, str]:
+    """Digest of every file of the exported stand-in; its record without wall-clock seconds."""
+    out = {}
+    for path in sorted((work / "standin").rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == "pretrain.json":
+                data = json.dumps(_without_seconds(json.loads(data)), sort_keys=True).encode()
+            out[str(path.relative_to(work))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def test_killed_pretraining_resumes_to_the_same_stand_in(embedded_root, tmp_path):
+    """The stand-in pretraining killed at each of its file-system changes (epoch checkpoints, their removal,
+    the export, the checkpoints' removal) and run again ends with the same encoder, head and record as an
+    uninterrupted run, and leaves no checkpoint or temporary behind."""
+    config = tiny_yaml(tmp_path / "pretrain.yaml", embedded_root,
+                       extra=PRETRAIN + ["pretrain.export=standin", "model.pretrained=standin"])
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    trace = tmp_path / "trace.txt"
+    assert _pretrain_fork(reference, config, {"LXMERT_FAULT_TRACE": str(trace)}) == 0
+    expected, points = _export_digest(reference), trace.read_text().splitlines()
+    assert any("standin.run/ckpt-" in p and " rename " in p for p in points), points
+    assert sum(p.split()[1] == "remove" for p in points) >= 2, "older checkpoints and the run folder are removed"
+    for n in range(1, len(points) + 1):
+        work = tmp_path / f"kill_{n}"
+        work.mkdir()
+        assert _pretrain_fork(work, config, {"LXMERT_FAULT_AT": str(n)}) == 137, points[n - 1]
+        assert _pretrain_fork(work, config, {}) == 0, points[n - 1]
+        assert _export_digest(work) == expected, f"kill at {points[n - 1]}"
+        left = [p for p in work.rglob("*") if ".lxmert-" in p.name or p.name == "standin.run"]
+        assert not left, f"kill at {points[n - 1]} left {left}"
+        shutil.rmtree(work)

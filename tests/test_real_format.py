@@ -137,7 +137,8 @@ def test_raw_vqa_v2_and_obj36_tsv_prepare_train_and_evaluate(tmp_path, monkeypat
         "data.valid=val", "data.test=[test]", "model.pretrained=null", f"model.tokenizer={tokenizer}",
         "model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
         "model.l_layers=1", "model.x_layers=1", "model.r_layers=1", "model.dropout=0.0",
-        "train.epochs=1", "train.batch_size=20", "train.lr=0.001", "train.eval_batch_size=64", "blind.epochs=2"])
+        "train.epochs=1", "train.batch_size=20", "train.lr=0.001", "train.eval_batch_size=64", "blind.epochs=2",
+        "device=cpu"])
     assert cfg.data.dataset == "prepared" and cfg.data.features == "../coco_obj36"  # the config's own store path
 
     result = run_finetune(cfg)

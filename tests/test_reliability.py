@@ -183,6 +183,14 @@ BAD_OVERRIDES = {
     "valid also tested": (["data.valid=cp_minival", "data.test=[cp_minival]"], "is also in data.train or data.test"),
     "levels share a folder": (["lottery.levels=[0.5,0.500001]"], "key 'lottery.levels' = [0.5, 0.500001] is out"),
     "repeated level": (["lottery.levels=[0.5,0.5]"], "key 'lottery.levels' = [0.5, 0.5] is out of range"),
+    "split name is a path": (["data.test=[/some/dir/mytest]"], "key 'data.test' = ['/some/dir/mytest'] is out of "
+                                                               "range"),
+    "valid split is a path": (["data.valid=../minival"], "key 'data.valid' = '../minival' is out of range"),
+    "hidden size 2^40": (["model.hidden_size=1099511627776"], "key 'model.hidden_size' = 1099511627776 is out"),
+    "sequence length 1e11": (["data.max_seq_length=100000000000"], "key 'data.max_seq_length' = 100000000000 is"),
+    "experiment ends in a newline": (['experiment="x\\n"'], "key 'experiment' = 'x\\n' is out of range"),
+    "removed model.export": (["model.export=out"], "key 'model.export' was removed: export a finished unit with"),
+    "renamed blind_epochs": (["blind_epochs=2"], "key 'blind_epochs' is now 'blind.epochs'"),
 }
 
 
@@ -273,7 +281,19 @@ def _blind_tokenizer(root: Path) -> str:
     return "of the training questions' tokens to [UNK]: it cannot read them"
 
 
+def _unlabelled(index):
+    def spoil(root: Path) -> str:
+        _edit_json(root / "minival.json", lambda qs: [{k: v for k, v in q.items() if k != "label" or index is not None
+                                                        and i != index} for i, q in enumerate(qs)])
+        if index is None:
+            return f"{root / 'minival'}.json (data.valid): the validation split has no labels"
+        return f"{root / 'minival.json'}: question #{index} (question_id"
+    return spoil
+
+
 BAD_DATA = {"img_id not in the store": (_missing_image, []),
+            "one unlabelled validation question": (_unlabelled(3), []),
+            "unlabelled validation split": (_unlabelled(None), []),
             "sent is a number": (_question_field("sent", 7), []),
             "img_id is a list": (_question_field("img_id", ["a"]), []),
             "label score is a string": (_question_field("label", {"yes": "1.0"}), []),
@@ -618,23 +638,48 @@ def test_setup_logging_twice_closes_the_old_file(embedded_root, tmp_path, monkey
 
 
 def test_experiment_made_with_other_data_is_refused(embedded_root, tmp_path, monkeypatch):
-    """Finished runs are never mixed with new data: models/<exp>/data.json records the data they used."""
+    """Finished runs are never mixed with new data: models/<exp>/data.json records the question files and the
+    feature-store rows the splits use. A store that gains images (test-server features prepared later) keeps
+    the record; other features for a used image, or another question file, are refused."""
+    import numpy as np
     from conftest import tiny_config
 
     from lxmert.core.errors import InputError
+    from lxmert.data.datasets import load_data
+    from lxmert.data.features import FeatureStore, StoreWriter
     from lxmert.studies.context import check_data_fingerprint
 
     root = _copy_root(embedded_root, tmp_path)
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(root)
-    check_data_fingerprint(cfg)
+    check_data_fingerprint(cfg, load_data(cfg, log=lambda _: None))
     recorded = json.loads((tmp_path / "models" / "tiny" / "data.json").read_text())
-    assert str(root / "train.json") in recorded and str(root / "features" / "meta.json") in recorded
-    check_data_fingerprint(cfg)  # the same data: accepted
-    _edit_json(root / "train.json", lambda qs: qs[:-1])
+    assert str(root / "train.json") in recorded and f"{root / 'features'} rows of train" in recorded
+    check_data_fingerprint(cfg, load_data(cfg, log=lambda _: None))  # the same data: accepted
+
+    def rewrite_store(change_row: bool) -> None:
+        old = FeatureStore(root / "features")
+        feats, boxes, ids = np.array(old._features), np.array(old._boxes), list(old.ids)
+        if change_row:
+            feats[old.row(json.loads((root / "train.json").read_text())[0]["img_id"])] += 1.0
+        extras = [e for e in ("COCO_test2015_000000000001", "COCO_test2015_000000000002") if e not in ids]
+        shutil.rmtree(root / "features")
+        writer = StoreWriter(root / "features", len(ids) + len(extras), old.num_boxes, old.feat_dim)
+        for i, img in enumerate(ids):
+            writer.add(img, feats[i], boxes[i])
+        for extra in extras:
+            writer.add(extra, np.zeros_like(feats[0]), boxes[0])
+        writer.close()
+
+    rewrite_store(change_row=False)  # two more images, every used row the same
+    check_data_fingerprint(cfg, load_data(cfg, log=lambda _: None))
+    rewrite_store(change_row=True)
     with pytest.raises(InputError, match=r"data.json: the runs of experiment 'tiny' were made with other data "
-                                         r"\(.*train.json differ\)"):
-        check_data_fingerprint(cfg)
+                                         r"\(.*rows of train differ\)"):
+        check_data_fingerprint(cfg, load_data(cfg, log=lambda _: None))
+    _edit_json(root / "train.json", lambda qs: qs[:-1])
+    with pytest.raises(InputError, match=r"\(.*train.json differ"):
+        check_data_fingerprint(cfg, load_data(cfg, log=lambda _: None))
 
 
 def test_written_files_and_folders_follow_the_umask(tmp_path):
@@ -657,3 +702,155 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
         os.umask(old)
         io.UMASK = old
     assert modes == {"w.safetensors": 0o644, "x.json": 0o644, "store": 0o755}
+
+
+# -- every check before the work (issue 28) ---------------------------------------------------------------
+
+def test_a_level_that_prunes_everything_is_refused_before_any_training(embedded_root, tmp_path, capsys, monkeypatch):
+    from lxmert.train import trainer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer.Trainer, "_epoch", lambda self: pytest.fail("no training may start"))
+    code, lines = _main(["lottery", *_bad_config(tmp_path, embedded_root), "lottery.levels=[0.3,0.99999]"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: lottery.levels: sparsity 0.99999 prunes all ") and "global scope" in lines[0]
+    code, lines = _main(["debias", *_bad_config(tmp_path, embedded_root), "experiment=b", "data.train=[cp_train]",
+                         "data.valid=cp_minival", "data.test=[cp_test]", "debias.sparsities=[0.999999]"], capsys)
+    assert code == 2 and len(lines) == 1 and "debias.sparsities: 0.999999 keeps none of the" in lines[0], lines
+    assert not list(tmp_path.glob("models/*/seed_*"))
+
+
+def test_a_pretrained_vocabulary_smaller_than_the_tokenizer_is_refused_before_work(embedded_root, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from transformers import LxmertConfig, LxmertModel
+
+    small = tmp_path / "small"
+    LxmertModel(LxmertConfig(vocab_size=20, hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1,
+                             x_layers=1, r_layers=1, visual_feat_dim=16)).save_pretrained(small)
+    monkeypatch.chdir(tmp_path)
+    code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root), f"model.pretrained={small}"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"the pretrained model '{small}' (model.pretrained) has a vocabulary of 20" in lines[0]
+    assert not list(tmp_path.glob("models/*/seed_*"))
+
+
+def test_question_ids_are_written_back_as_the_file_gives_them(tiny_data):
+    """A question file with string ids (other datasets than VQA use them) is read, and its predictions carry the
+    same ids: no int() of an id after the training."""
+    from dataclasses import replace
+
+    from lxmert.data.datasets import VQADataset
+    from lxmert.train.evaluation import predictions_json
+
+    split = replace(tiny_data.valid.split, question_ids=[f"q{i}" for i in range(len(tiny_data.valid))])
+    ds = VQADataset(split, tiny_data.store, tiny_data.num_answers, tiny_data.qtype_index)
+    preds = predictions_json(ds, [0] * len(ds), tiny_data.vocab.label2ans)
+    assert [p["question_id"] for p in preds[:2]] == ["q0", "q1"]
+    assert [p["question_id"] for p in predictions_json(tiny_data.valid, [0] * 3, tiny_data.vocab.label2ans)] == \
+        tiny_data.valid.split.question_ids[:3]
+
+
+def test_embedded_root_on_a_file_writes_nothing_beside_it(embedded_root, tmp_path, capsys, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    code, lines = _main(["finetune", *_bad_config(tmp_path, elsewhere / "notes.txt")], capsys)
+    assert code == 2 and lines == [f"error: data.root {elsewhere / 'notes.txt'} is not a folder; set data.root to a "
+                                   "new folder for the embedded benchmark"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["notes.txt"]
+
+
+def test_an_unreadable_poll_interval_is_one_line(embedded_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LXMERT_POLL_SECONDS", "abc")
+    code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
+    assert code == 2 and lines == ["error: LXMERT_POLL_SECONDS='abc': give a number of seconds in (0, 3600]"]
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_unit_folder_that_cannot_be_written_is_one_line(embedded_root, tmp_path, capsys, monkeypatch):
+    """A unit folder made read-only (or removed) while a study runs: the file-system error names the path, one
+    line, exit 2 (root ignores permission bits, so the write is made to fail the way the kernel does)."""
+    import errno
+
+    from lxmert.core import scheduler
+
+    def read_only(path, obj, indent=1):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(scheduler, "write_json", read_only)
+    code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: [Errno 13] Permission denied: 'models/tiny/seed_0/dense/settings.json'; fix it")
+
+
+def test_command_line_usage_errors_are_one_line(capsys):
+    from lxmert.__main__ import main
+
+    for argv in (["lotery"], ["lottery", "--workers", "two"], ["lottery", "--bogus"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
+        assert lines[0].endswith("(see python -m lxmert --help)")
+
+
+def test_plots_of_a_row_without_a_test_split_is_one_line(tmp_path, capsys, monkeypatch):
+    from conftest import tiny_config
+
+    row = {"setting": "bce", "seed": 0, "stage": "full", "stage1_loss": "bce", "stage2_loss": None,
+           "sparsity_tag": "full", "target_sparsity": 0.0, "epochs": 1, "measured_sparsity": 0.0,
+           "measured_by_modality": {}, "prunable_by_modality": {}, "valid_split": "cp_minival", "valid": 50.0,
+           "valid_best": 50.0, "final": {"cp_test": {"overall": 40.0}}, "best": {"cp_test": {"overall": 40.0}},
+           "best_epoch": 1, "splits": ["cp_minival", "cp_test"], "blind": {}, "seconds": 1.0}
+    short = {**row, "seed": 1, "final": {}, "best": {}}
+    out = tmp_path / "result" / "b"
+    out.mkdir(parents=True)
+    (out / "debias.json").write_text(json.dumps({"experiment": "b", "valid_split": "cp_minival",
+                                                 "test_splits": ["cp_test"], "seeds": [0, 1], "rows": [row, short]}))
+    config = tmp_path / "b.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, experiment="b").to_dict()))
+    monkeypatch.chdir(tmp_path)
+    code, lines = _main(["plots", "--config", config], capsys)
+    assert code == 2 and lines == [f"error: {Path('result/b/debias.json')}: row 1 (bce full) has no 'final cp_test' "
+                                   "accuracy, which other rows have; rerun the study to rebuild it"]
+
+
+def test_files_written_inside_a_published_folder_follow_the_umask(tmp_path):
+    """A writer that makes 0600 files (safetensors inside save_pretrained does) publishes them as the umask
+    allows."""
+    import stat
+
+    from lxmert.core import files
+
+    old = os.umask(0o022)
+    try:
+        files.UMASK = 0o022
+        with files.atomic_folder(tmp_path / "export") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "model.safetensors", 0o600)
+            (tmp / "sub").mkdir(mode=0o700)
+    finally:
+        os.umask(old)
+        files.UMASK = old
+    assert stat.S_IMODE((tmp_path / "export" / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "export" / "sub").stat().st_mode) == 0o755
+
+
+def test_a_dense_model_measures_zero_sparsity_with_embeddings_in_the_set(tiny_data, tiny_cfg):
+    """The word embeddings' padding row is zero in every model: it is not counted as pruned."""
+    from lxmert.core.config import STUDY_B_PRUNABLE
+    from lxmert.modeling.vqa import build_model
+    from lxmert.prune.masks import measure_weights
+    from lxmert.prune.prunable import prunable_tensors
+
+    model = build_model(tiny_cfg.model, len(tiny_data.tokenizer), 16, tiny_data.num_answers)
+    prunable = prunable_tensors(model, STUDY_B_PRUNABLE)
+    assert float(model.encoder.embeddings.word_embeddings.weight[0].detach().abs().sum()) == 0.0
+    report = measure_weights(model, prunable)
+    assert report["overall"] == 0.0 and report["zeros"] == 0
+

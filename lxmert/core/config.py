@@ -31,6 +31,11 @@ def _positive(v: Any) -> bool:
     return v > 0
 
 
+def _upto(limit: int) -> Callable[[Any], bool]:
+    """A positive count no larger than `limit` (sizes beyond it would only fail later, in a kernel)."""
+    return lambda v: 0 < v <= limit
+
+
 def _non_negative(v: Any) -> bool:
     return v >= 0
 
@@ -47,6 +52,16 @@ def _names(v: Any, allow_empty: bool = True) -> bool:
     return (allow_empty or len(v) > 0) and all(isinstance(x, str) and x for x in v)
 
 
+def _name(v: Any) -> bool:
+    """A name that is not a path: letters, digits, '_', '-', '.', not starting with '.' (split and experiment
+    names become file and folder names)."""
+    return isinstance(v, str) and EXPERIMENT_NAME.fullmatch(v) is not None
+
+
+def _split_names(v: Any, allow_empty: bool = True) -> bool:
+    return (allow_empty or len(v) > 0) and all(_name(x) for x in v)
+
+
 # Default prunable set of study A (LXMERT): every Linear weight of the encoders (language, vision with the
 # visual feature and box projections, cross-modality) and of the pooler; not the embeddings, not the QA head.
 PRUNABLE_DEFAULT = ("encoder.encoder.*", "encoder.pooler.*")
@@ -56,7 +71,11 @@ STUDY_B_PRUNABLE = ("encoder.embeddings.word_embeddings.weight", "encoder.encode
 # Keys renamed since an earlier version: old dotted name -> new one (records made before read the old name as
 # the new one; a config that still uses the old name is told the new one).
 RENAMED_KEYS = {"blind_epochs": "blind.epochs"}
-EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+# Keys removed, with what replaces them.
+REMOVED_KEYS = {"model.export": "export a finished unit with python -m lxmert export --config CONFIG --unit UNIT "
+                                "--out FOLDER"}
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+NAME_RULE = "letters, digits, '_', '-', '.' not starting with '.' (not a path)"
 # Split names that are test splits (never used for model selection): the embedded test / cp_test,
 # VQA v2's test, VQA-CP's cp_test, VQA-VS's test_iid and ood_* sets.
 TEST_SPLIT = re.compile(r"test|^ood_")
@@ -73,30 +92,30 @@ class EmbeddedConfig:
     """Parameters of the synthetic benchmark the project generates itself (lxmert/embedded/generator.py)."""
 
     seed: int = _f(1234, "seed of the generator; the same seed writes byte-identical files")
-    train_questions: int = _f(3000, "study A training questions (natural answer priors)", _positive, "> 0")
-    valid_questions: int = _f(600, "study A validation questions (minival; natural priors)", _positive, "> 0")
+    train_questions: int = _f(3000, "study A training questions (natural answer priors)", _upto(10**7), "in [1, 1e7]")
+    valid_questions: int = _f(600, "study A validation questions (minival; natural priors)", _upto(10**7), "in [1, 1e7]")
     test_questions: int = _f(1000, "study A test questions (natural priors; also study B's natural-prior test, "
-                             "like VQA v2 val beside VQA-CP v2)", _positive, "> 0")
+                             "like VQA v2 val beside VQA-CP v2)", _upto(10**7), "in [1, 1e7]")
     cp_train_questions: int = _f(3000, "study B training questions (changing priors: the training side)",
-                                 _positive, "> 0")
+                                 _upto(10**7), "in [1, 1e7]")
     cp_valid_questions: int = _f(600, "study B validation questions (training side; model selection)",
-                                 _positive, "> 0")
-    cp_test_iid_questions: int = _f(1000, "study B in-distribution test questions (training side)", _positive, "> 0")
+                                 _upto(10**7), "in [1, 1e7]")
+    cp_test_iid_questions: int = _f(1000, "study B in-distribution test questions (training side)", _upto(10**7), "in [1, 1e7]")
     cp_test_questions: int = _f(1000, "study B shifted test questions (the test side of every question type)",
-                                _positive, "> 0")
+                                _upto(10**7), "in [1, 1e7]")
     pretrain_images: int = _f(3000, "captioned images with region labels for the stand-in pretraining (their own "
-                              "images: no study question is asked on them)", _positive, "> 0")
-    questions_per_image: int = _f(3, "questions asked about each study image", _positive, "> 0")
+                              "images: no study question is asked on them)", _upto(10**7), "in [1, 1e7]")
+    questions_per_image: int = _f(3, "questions asked about each study image", _upto(100), "in [1, 100]")
     pretrain_questions_per_image: int = _f(3, "questions of the pretraining families per pretraining image "
                                            "(0: no question answering in pretraining)", _non_negative, ">= 0")
-    pretrain_min_objects: int = _f(1, "fewest objects in a pretraining scene", _positive, "> 0")
+    pretrain_min_objects: int = _f(1, "fewest objects in a pretraining scene", _upto(100), "in [1, 100]")
     pretrain_max_objects: int = _f(4, "most objects in a pretraining scene (pretraining images are simpler than the "
                                    "studies': a tiny LXMERT learns to ground words in regions within a few thousand "
-                                   "steps on 1-3 objects, not on 3-6)", _positive, "> 0")
-    num_regions: int = _f(8, "regions per image (objects + background), like detector boxes", _positive, "> 0")
-    feat_dim: int = _f(64, "dimension D of each region feature", _positive, "> 0")
-    min_objects: int = _f(2, "fewest objects in a scene", _positive, "> 0")
-    max_objects: int = _f(5, "most objects in a scene", _positive, "> 0")
+                                   "steps on 1-3 objects, not on 3-6)", _upto(100), "in [1, 100]")
+    num_regions: int = _f(8, "regions per image (objects + background), like detector boxes", _upto(1000), "in [1, 1,000]")
+    feat_dim: int = _f(64, "dimension D of each region feature", _upto(65536), "in [1, 65,536]")
+    min_objects: int = _f(2, "fewest objects in a scene", _upto(100), "in [1, 100]")
+    max_objects: int = _f(5, "most objects in a scene", _upto(100), "in [1, 100]")
     feature_noise: float = _f(0.5, "std of the Gaussian noise added to every region feature", _non_negative, ">= 0")
     hard_questions: float = _f(0.25, "share of questions whose objects are partly hidden (their region features "
                                "keep only part of the object's signal); annotators disagree more on them",
@@ -125,15 +144,16 @@ class DataConfig:
                       "one of embedded, prepared")
     root: str = _f("data/embedded", "folder with the question JSON files, answer vocab and feature store")
     features: str = _f("features", "feature store folder, relative to root unless absolute")
-    train: list = _f(["train"], "question files (names without .json) used for training",
-                     lambda v: _names(v, allow_empty=False), "a non-empty list of split names")
+    train: list = _f(["train"], "question files (names without .json in root) used for training",
+                     lambda v: _split_names(v, allow_empty=False), f"a non-empty list of split names ({NAME_RULE})")
     valid: str = _f("minival", "question file used for model selection (never a test split)",
-                    lambda v: bool(v) and not TEST_SPLIT.search(v),
-                    "a split name that is not a test split (no 'test' in it, not ood_*)")
-    test: list = _f(["test"], "question files evaluated with the selected model", _names, "a list of split names")
+                    lambda v: _name(v) and not TEST_SPLIT.search(v),
+                    f"a split name that is not a test split (no 'test' in it, not ood_*; {NAME_RULE})")
+    test: list = _f(["test"], "question files evaluated with the selected model", _split_names,
+                    f"a list of split names ({NAME_RULE})")
     ans2label: str = _f("trainval_ans2label.json", "answer vocabulary file in root")
-    max_seq_length: int = _f(20, "question tokens, [CLS] and [SEP] included", lambda v: v >= 3,
-                             ">= 3 ([CLS], one word, [SEP])")
+    max_seq_length: int = _f(20, "question tokens, [CLS] and [SEP] included", lambda v: 3 <= v <= 512,
+                             "in [3, 512] ([CLS], one word, [SEP]; BERT's 512 positions)")
     num_workers: int = _f(0, "DataLoader worker processes (they share the memory-mapped store)",
                           _non_negative, ">= 0")
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig,
@@ -146,17 +166,15 @@ class ModelConfig:
                      "one of lxmert, visualbert")
     pretrained: Optional[str] = _f(None, "hub id or local folder with pretrained encoder weights; "
                                    "null for random initialisation")
-    export: Optional[str] = _f(None, "after fine-tuning, save the best model's encoder here with "
-                               "save_pretrained (how the embedded benchmark makes its pretrained encoder)")
     tokenizer: Optional[str] = _f(None, "hub id or folder of a BERT tokenizer; null uses the "
                                   "dataset's own (root/tokenizer)")
-    hidden_size: int = _f(128, "hidden size (base: 768)", _positive, "> 0")
-    num_attention_heads: int = _f(4, "attention heads (base: 12)", _positive, "> 0")
-    intermediate_size: int = _f(256, "feed-forward size (base: 3072)", _positive, "> 0")
-    l_layers: int = _f(2, "language layers (base: 9)", _positive, "> 0")
-    x_layers: int = _f(2, "cross-modality layers (base: 5)", _positive, "> 0")
-    r_layers: int = _f(2, "vision (relation) layers (base: 5)", _positive, "> 0")
-    num_hidden_layers: int = _f(4, "VisualBERT layers (base: 12)", _positive, "> 0")
+    hidden_size: int = _f(128, "hidden size (base: 768)", _upto(65536), "in [1, 65,536]")
+    num_attention_heads: int = _f(4, "attention heads (base: 12)", _upto(1024), "in [1, 1,024]")
+    intermediate_size: int = _f(256, "feed-forward size (base: 3072)", _upto(262144), "in [1, 262,144]")
+    l_layers: int = _f(2, "language layers (base: 9)", _upto(128), "in [1, 128]")
+    x_layers: int = _f(2, "cross-modality layers (base: 5)", _upto(128), "in [1, 128]")
+    r_layers: int = _f(2, "vision (relation) layers (base: 5)", _upto(128), "in [1, 128]")
+    num_hidden_layers: int = _f(4, "VisualBERT layers (base: 12)", _upto(128), "in [1, 128]")
     dropout: float = _f(0.1, "dropout of the encoder (the answer head has no dropout)", _fraction, "in [0, 1)")
     answer_prior: Optional[float] = _f(None, "initial probability p of every answer under the sigmoid answer head: "
                                        "the head's output biases are shifted by log(p / (1 - p)) when the model is "
@@ -168,9 +186,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(4, "training epochs", _positive, "> 0")
-    batch_size: int = _f(32, "global batch size (split over ranks under torchrun)", _positive, "> 0")
-    grad_accum: int = _f(1, "gradient accumulation steps per optimizer step", _positive, "> 0")
+    epochs: int = _f(4, "training epochs", _upto(10000), "in [1, 10,000]")
+    batch_size: int = _f(32, "global batch size (split over ranks under torchrun)", _upto(10**6), "in [1, 1e6]")
+    grad_accum: int = _f(1, "gradient accumulation steps per optimizer step", _upto(10000), "in [1, 10,000]")
     lr: float = _f(5e-5, "peak learning rate of AdamW", _positive, "> 0")
     weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and LayerNorms)", _non_negative, ">= 0")
     warmup: float = _f(0.1, "fraction of steps with linear warmup, then linear decay", _fraction, "in [0, 1)")
@@ -179,7 +197,7 @@ class TrainConfig:
     precision: str = _f("bf16", "autocast on CUDA: fp32, bf16 or fp16 (CPU always runs fp32)",
                         lambda v: v in ("fp32", "bf16", "fp16"), "one of fp32, bf16, fp16")
     compile: bool = _f(False, "torch.compile the model (CUDA)")
-    eval_batch_size: int = _f(256, "batch size of evaluation", _positive, "> 0")
+    eval_batch_size: int = _f(256, "batch size of evaluation", _upto(10**6), "in [1, 1e6]")
     save_every_steps: int = _f(0, "also checkpoint every N optimizer steps (0: only at epoch ends)",
                                _non_negative, ">= 0")
 
@@ -238,16 +256,18 @@ class DebiasConfig:
     # Stage defaults are the paper's (Si et al., Compress-Robust-VQA bash_files/Stage2/run_mask_train_stage2.sh:
     # 20 epochs, batch 256, lr 5e-5, no warmup; Stage3/run_vqa_stage3.sh: 20 epochs, batch 64, lr 5e-5, warmup
     # 34235 steps = 5 of 20 epochs). Stage 1 is the train section (Stage1/run_vqa_stage1.sh: the same as stage 3).
-    stage2_epochs: int = _f(20, "mask-training epochs", _positive, "> 0")
+    stage2_epochs: int = _f(20, "mask-training epochs", _upto(10000), "in [1, 10,000]")
     stage2_lr: float = _f(5e-5, "learning rate of mask training (scores and QA head); far larger values flip most "
                           "masks every step", _positive, "> 0")
-    stage2_batch_size: int = _f(256, "batch size of mask training (0: train.batch_size)", _non_negative, ">= 0")
+    stage2_batch_size: int = _f(256, "batch size of mask training (0: train.batch_size)", lambda v: 0 <= v <= 10**6,
+                                "in [0, 1e6]")
     stage2_warmup: float = _f(0.0, "warmup fraction of mask training (then linear decay)", _fraction, "in [0, 1)")
-    reset_every: int = _f(100, "steps between the per-tensor top-k resets of the scores", _positive, "> 0")
+    reset_every: int = _f(100, "steps between the per-tensor top-k resets of the scores", _upto(10**9), "in [1, 1e9]")
     stage3: bool = _f(True, "also fine-tune each pruned model with its mask fixed")
-    stage3_epochs: int = _f(20, "epochs of stage 3", _positive, "> 0")
+    stage3_epochs: int = _f(20, "epochs of stage 3", _upto(10000), "in [1, 10,000]")
     stage3_lr: float = _f(5e-5, "learning rate of stage 3 (0: train.lr)", _non_negative, ">= 0")
-    stage3_batch_size: int = _f(64, "batch size of stage 3 (0: train.batch_size)", _non_negative, ">= 0")
+    stage3_batch_size: int = _f(64, "batch size of stage 3 (0: train.batch_size)", lambda v: 0 <= v <= 10**6,
+                                "in [0, 1e6]")
     stage3_warmup: float = _f(0.25, "warmup fraction of stage 3 (then linear decay)", _fraction, "in [0, 1)")
     controls: bool = _f(True, "same-compute controls: each stage-1 model also trained densely, with the stage-2 "
                         "loss, for as many epochs as stages 2 + 3 add")
@@ -276,9 +296,9 @@ class DebiasConfig:
 class BlindConfig:
     """The question-only baseline (modeling.blind): a bag-of-words MLP on the question, trained with Adam."""
 
-    epochs: int = _f(8, "epochs of the question-only baseline", _positive, "> 0")
+    epochs: int = _f(8, "epochs of the question-only baseline", _upto(10000), "in [1, 10,000]")
     lr: float = _f(2e-3, "learning rate (Adam, constant)", _positive, "> 0")
-    batch_size: int = _f(256, "batch size", _positive, "> 0")
+    batch_size: int = _f(256, "batch size", _upto(10**6), "in [1, 1e6]")
 
 
 @dataclass
@@ -289,8 +309,8 @@ class PretrainConfig:
     export: str = _f("models/embedded_pretrain/encoder", "folder of the stand-in encoder (LxmertModel + tokenizer); "
                      "the embedded configs read it as model.pretrained")
     seed: int = _f(0, "seed of the stand-in pretraining", lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]")
-    epochs: int = _f(24, "pretraining epochs (the last one is exported; nothing is selected)", _positive, "> 0")
-    batch_size: int = _f(32, "pretraining batch size", _positive, "> 0")
+    epochs: int = _f(24, "pretraining epochs (the last one is exported; nothing is selected)", _upto(10000), "in [1, 10,000]")
+    batch_size: int = _f(32, "pretraining batch size", _upto(10**6), "in [1, 1e6]")
     lr: float = _f(1e-3, "peak learning rate (AdamW, linear warmup and decay)", _positive, "> 0")
     warmup: float = _f(0.2, "warmup fraction of the steps", _fraction, "in [0, 1)")
     clip: float = _f(5.0, "gradient-norm clip; 0 disables", _non_negative, ">= 0")
@@ -307,9 +327,8 @@ class PretrainConfig:
 
 @dataclass
 class Config:
-    experiment: str = _f("embedded", "name; outputs go to models/<name>, logs/<name>.log, result/<name>",
-                         lambda v: bool(EXPERIMENT_NAME.match(v)),
-                         "a name of letters, digits, '_', '-', '.' not starting with '.' (not a path)")
+    experiment: str = _f("embedded", "name; outputs go to models/<name>, logs/<name>.log, result/<name>", _name,
+                         f"a name of {NAME_RULE}")
     seeds: list = _f([0], "seeds; each controls data order, initialisation and random pruning",
                      lambda v: len(v) > 0 and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
                                                   for s in v), f"a non-empty list of ints in [0, {MAX_SEED}]")
@@ -318,6 +337,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "fine-tuning"})
     lottery: LotteryConfig = field(default_factory=LotteryConfig, metadata={"help": "lottery tickets"})
     debias: DebiasConfig = field(default_factory=DebiasConfig, metadata={"help": "compress and debias"})
+    device: str = _f("auto", "where runs train: 'auto' (CUDA when torch sees a GPU, else the CPU; a study on real "
+                     "data, data.dataset=prepared, then refuses to start), 'cuda' (refused without a GPU) or 'cpu' "
+                     "(also on a GPU machine)", lambda v: v in ("auto", "cuda", "cpu"), "one of auto, cuda, cpu")
     blind: BlindConfig = field(default_factory=BlindConfig, metadata={"help": "question-only baseline"})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig,
                                      metadata={"help": "stand-in pretraining of the embedded benchmark"})
@@ -379,6 +401,8 @@ def _build(cls: type, values: dict, where: str, source: str) -> Any:
         if key not in fields:
             if f"{where}{key}" in RENAMED_KEYS:
                 raise ConfigError(f"{source}: key '{where}{key}' is now '{RENAMED_KEYS[where + key]}'")
+            if f"{where}{key}" in REMOVED_KEYS:
+                raise ConfigError(f"{source}: key '{where}{key}' was removed: {REMOVED_KEYS[where + key]}")
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{source}: unknown key '{where}{key}' (known here: {known})")
     kwargs = {}
@@ -423,11 +447,45 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{where}{' '.join(str(what).split())}"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+MAX_DEPTH = 20  # a config is a few levels deep; anything deeper (or recursive, through anchors) is a mistake
+
+
+def _depth(value: Any, seen: tuple = ()) -> int:
+    if id(value) in seen:
+        return MAX_DEPTH + 1  # an anchor that contains itself
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        if len(seen) > MAX_DEPTH:
+            return MAX_DEPTH + 1
+        return 1 + max((_depth(v, seen + (id(value),)) for v in value), default=0)
+    return 0
+
+
 def _safe_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep (or an anchor that contains itself)")
+    return value
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -8,12 +8,25 @@ import torch
 import torch.distributed as dist
 
 
+_CHOICE = {"device": "auto"}
+
+
+def use(device: str) -> None:
+    """The device the runs of this process use: 'auto' (CUDA when torch sees it), 'cuda' or 'cpu' (the config's
+    `device`; the refusals of a wrong choice are core.environment.check_device's)."""
+    _CHOICE["device"] = device
+
+
+def cuda() -> bool:
+    return _CHOICE["device"] != "cpu" and torch.cuda.is_available()
+
+
 def init() -> None:
     """Join the process group torchrun describes (RANK/WORLD_SIZE set); nothing in a single process."""
     if "RANK" not in os.environ or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    backend = "nccl" if cuda() else "gloo"
+    if cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
 
@@ -66,6 +79,6 @@ def mean(value: float) -> float:
 
 
 def device() -> torch.device:
-    if torch.cuda.is_available():
+    if cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -30,6 +30,11 @@ class WorkerFailed(RuntimeError):
 
 
 INTERRUPTED = "error: interrupted; run the same command again to resume where it stopped"
+# File-system errors that name a path the user gave or a folder a run uses (a read-only or deleted unit
+# folder, a file where a folder belongs, a symlink loop), with what to do.
+_RERUN = "; fix it and run the same command again (finished work is kept)"
+PATH_ERRORS = {errno.EACCES: _RERUN, errno.EPERM: _RERUN, errno.EROFS: _RERUN, errno.ENOENT: _RERUN,
+               errno.ENOTDIR: _RERUN, errno.EISDIR: _RERUN, errno.ELOOP: _RERUN, errno.ENAMETOOLONG: _RERUN}
 
 
 def failure(e: BaseException) -> tuple[int, Optional[str]]:
@@ -41,6 +46,8 @@ def failure(e: BaseException) -> tuple[int, Optional[str]]:
         return 3, f"error: {e}"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return 4, f"error: {e}"
+    if isinstance(e, OSError) and e.errno in PATH_ERRORS:  # names the path: a file or folder the run cannot use
+        return 2, f"error: {' '.join(str(e).split())}{PATH_ERRORS[e.errno]}"
     if isinstance(e, KeyboardInterrupt):
         return 130, INTERRUPTED
     if isinstance(e, WorkerFailed):

@@ -287,9 +287,13 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def _fsync_tree(folder: Path) -> None:
     """Flush every file of a folder before it is published: after a power cut the rename must not point
-    at empty files."""
-    for parent, _, files in os.walk(folder):
+    at empty files. Every file and folder gets the permissions the umask allows (writers such as
+    safetensors, inside save_pretrained, make 0600 files whatever the umask)."""
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(parent) / name, 0o777 & ~UMASK)
         for name in files:
+            os.chmod(Path(parent) / name, 0o666 & ~UMASK)
             fd = os.open(Path(parent) / name, os.O_RDONLY)
             try:
                 os.fsync(fd)

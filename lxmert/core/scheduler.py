@@ -42,7 +42,18 @@ from .settings import setting_changes
 
 log = logging.getLogger("lxmert")
 
-POLL_SECONDS = float(os.environ.get("LXMERT_POLL_SECONDS", "1.0"))  # how often a waiting process looks again
+
+
+def poll_seconds() -> float:
+    """How often a waiting process looks again: LXMERT_POLL_SECONDS, 1 s by default."""
+    value = os.environ.get("LXMERT_POLL_SECONDS", "1.0")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise InputError(f"LXMERT_POLL_SECONDS={value!r}: give a number of seconds in (0, 3600]")
+    return seconds
 
 
 @dataclass
@@ -142,11 +153,12 @@ def _choose(units: list[Unit], done: set[str], experiment: str) -> tuple[str, Op
     return ("wait" if must_wait else "end"), None, None
 
 
-def run_units(units: list[Unit], experiment: str, poll: float = POLL_SECONDS) -> bool:
+def run_units(units: list[Unit], experiment: str, poll: Optional[float] = None) -> bool:
     """Do every unit this process (and its workers) can take; True when all units of the list are finished.
 
     With several workers (LXMERT_WORKERS, see configure_workers) the process forks them here, after
     its data is loaded: each runs the same loop, and this returns once all of them have stopped."""
+    poll = poll_seconds() if poll is None else poll
     preflight(units, experiment)
     workers = 1 if dist.active() else worker_count()
     children = [_fork_worker(units, experiment, poll, i) for i in range(1, workers)]

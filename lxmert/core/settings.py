@@ -29,7 +29,7 @@ RECORDED_SINCE = {"lottery.scope": "layer", "model.answer_prior": None, "pretrai
 
 
 def model_keys() -> list[str]:
-    return [f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "export"]
+    return [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
 
 
 def settings_of(config: dict, keys: list[str]) -> dict:

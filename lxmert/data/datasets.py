@@ -29,7 +29,7 @@ class Split:
     """One question file, tokenized and resolved; labels as CSR arrays over the answer vocabulary."""
 
     name: str
-    question_ids: np.ndarray
+    question_ids: list  # as in the file (integers in VQA; written back as they were)
     question_types: list[str]
     answer_types: list[str]
     input_ids: np.ndarray
@@ -81,6 +81,12 @@ def _validate(questions, path: Path) -> None:
                 raise InputError(f"{where} field '{key}' must be a string, got {q[key]!r:.60}")
         if "label" in q:
             _validate_label(q["label"], where)
+    labelled = ["label" in q for q in questions]
+    if any(labelled) and not all(labelled):
+        i = labelled.index(False) if labelled[0] else labelled.index(True)
+        raise InputError(f"{path}: question #{i} (question_id {questions[i]['question_id']}) "
+                         f"{'has no' if labelled[0] else 'has a'} field 'label' unlike question #0: a split is "
+                         "labelled for every question (train, valid, a scored test) or for none (a test server split)")
 
 
 def _validate_label(label, where: str) -> None:
@@ -111,7 +117,7 @@ def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, m
         score += [s for _, s in known]
         ptr.append(len(idx))
     return Split(
-        name=path.stem, question_ids=np.array([q["question_id"] for q in questions]),
+        name=path.stem, question_ids=[q["question_id"] for q in questions],
         question_types=[q.get("question_type", "unknown") for q in questions],
         answer_types=[q.get("answer_type", "unknown") for q in questions],
         input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64),
@@ -218,7 +224,7 @@ def _concat(splits: list[Split]) -> Split:
     offsets = np.cumsum([0] + [len(s.label_idx) for s in splits[:-1]])
     ptr = np.concatenate([splits[0].label_ptr[:1]] + [s.label_ptr[1:] + o for s, o in zip(splits, offsets)])
     cat = lambda k: np.concatenate([getattr(s, k) for s in splits])  # noqa: E731
-    return Split(name="+".join(s.name for s in splits), question_ids=cat("question_ids"),
+    return Split(name="+".join(s.name for s in splits), question_ids=sum((s.question_ids for s in splits), []),
                  question_types=sum((s.question_types for s in splits), []),
                  answer_types=sum((s.answer_types for s in splits), []),
                  input_ids=cat("input_ids"),
@@ -247,6 +253,9 @@ def load_data(cfg: Config, log=print) -> Data:
     qtype_index = {t: i for i, t in enumerate(sorted(set(train.question_types)))}
     wrap = lambda s: VQADataset(s, store, len(vocab), qtype_index)  # noqa: E731
     valid = load(d.valid)
+    if not valid.has_labels:
+        raise InputError(f"{root / d.valid}.json (data.valid): the validation split has no labels; models are "
+                         "selected on it, so every question needs its 'label'")
     tests = {n: load(n) for n in d.test}
     for split in [train, valid, *tests.values()]:
         if split.out_of_vocab:

@@ -65,16 +65,21 @@ def fingerprint(folder: Path, features: np.ndarray, boxes: np.ndarray, ids: list
 
 def _positive_int(meta: dict, key: str, path: Path) -> int:
     value = meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) <= 0:
+    digits = str(value).isascii() and str(value).isdigit()  # not '²', which isdigit() takes and int() does not
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not digits or int(value) <= 0:
         raise InputError(f"{path}: field '{key}' = {value!r:.40} must be a positive integer")
     return int(value)
 
 
 class FeatureStore:
-    """Read-only access to a prepared store; rows are looked up by image id."""
+    """Read-only access to a prepared store; rows are looked up by image id. Every file is checked when it
+    opens; `check_fingerprint=False` skips only the fingerprint (to record a new one)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, check_fingerprint: bool = True):
         self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"feature store {self.folder}: not a folder (python -m lxmert prepare features "
+                             f"writes one)")
         meta_path = self.folder / "meta.json"
         meta = read_json(meta_path, "feature store metadata")
         if not isinstance(meta, dict):
@@ -93,7 +98,9 @@ class FeatureStore:
         self.index = {img_id: i for i, img_id in enumerate(ids)}
         self._features = self._open("features.npy", (len(ids), self.num_boxes, self.feat_dim))
         self._boxes = self._open("boxes.npy", (len(ids), self.num_boxes, 4))
-        self._check_fingerprint(meta, meta_path)
+        self.meta = meta
+        if check_fingerprint:
+            self._check_fingerprint(meta, meta_path)
 
     def _check_fingerprint(self, meta: dict, meta_path: Path) -> None:
         recorded = meta.get("fingerprint")
@@ -115,8 +122,10 @@ class FeatureStore:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise InputError(f"feature store file not found: {path}") from None
-        except ValueError as e:
+        except (ValueError, EOFError) as e:
             raise InputError(f"{path}: not a valid .npy array ({e})") from None
+        except OSError as e:
+            raise InputError(f"feature store file {path} cannot be read ({e.strerror or type(e).__name__})") from None
         if tuple(arr.shape) != shape:
             raise InputError(f"{path}: shape {tuple(arr.shape)} differs from {shape} given by meta.json/img_ids.json")
         return arr
@@ -208,12 +217,10 @@ class StoreWriter:
 
 
 def refresh_fingerprint(folder: str | Path) -> dict:
-    """Recompute and record a store's fingerprint (stores written before fingerprints, or changed on purpose)."""
-    folder = Path(folder)
-    meta = read_json(folder / "meta.json", "feature store metadata")
-    ids = read_json(folder / "img_ids.json", "feature store image ids")
-    features = np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
-    boxes = np.load(folder / "boxes.npy", mmap_mode="r", allow_pickle=False)
-    meta["fingerprint"] = fingerprint(folder, features, boxes, ids)
-    write_json(folder / "meta.json", meta)
+    """Recompute and record a store's fingerprint (stores written before fingerprints, or changed on purpose).
+    The store is checked as when it opens (every file there, shapes matching meta.json), all but the old
+    fingerprint; a missing or malformed file is one error naming it and meta.json is left as it was."""
+    store = FeatureStore(folder, check_fingerprint=False)
+    meta = dict(store.meta, fingerprint=fingerprint(store.folder, store._features, store._boxes, store.ids))
+    write_json(store.folder / "meta.json", meta)
     return meta["fingerprint"]

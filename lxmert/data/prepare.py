@@ -3,6 +3,8 @@
     python -m lxmert prepare vqa       raw VQA v2 / VQA-CP v2 questions + annotations -> question files
     python -m lxmert prepare vqavs     the VQA-VS release (train, val, IID test, nine OOD tests) -> the same
     python -m lxmert prepare features  bottom-up-attention *_obj36.tsv files -> one feature store
+    python -m lxmert prepare tokenizer a word-level tokenizer of prepared questions (--overwrite to replace)
+    python -m lxmert prepare fingerprint record a feature store's fingerprint again
 
 Question files are LXMERT's format (what lxmert.data.datasets reads); beside each labelled split goes
 `<split>_answers.json` with the ten normalised human answers per question, so the official VQA accuracy
@@ -17,6 +19,7 @@ import base64
 import binascii
 import csv
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..core.cli import Parser, check_output
 from ..core.errors import InputError, exit_code
 from ..core.files import atomic_folder, read_json, refuse_existing, remove_temporaries, write_json
 from .answers import AnswerVocab, normalize_answer, soft_label, strip_answer
@@ -124,6 +128,15 @@ def raw_exists(path: Path) -> bool:
     return Path(path).exists() or _zipped(Path(path)) is not None
 
 
+def read_json_file(path: str | Path, what: str):
+    """read_json, where a path that cannot be opened at all (a file given as a folder on the way, a symlink
+    loop, no permission) is one error naming it too."""
+    try:
+        return read_json(path, what)
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
 def read_raw(path: Path, what: str):
     """A raw JSON file, extracted or still inside its release zip."""
     import json
@@ -131,7 +144,7 @@ def read_raw(path: Path, what: str):
 
     path = Path(path)
     if path.exists() or (found := _zipped(path)) is None:
-        return read_json(path, what)
+        return read_json_file(path, what)
     archive, member = found
     try:
         with zipfile.ZipFile(archive) as zf, zf.open(member) as fh:
@@ -168,10 +181,14 @@ def load_questions(path: Path) -> tuple[list[dict], Optional[str]]:
         _check_fields(q, i, QUESTION_FIELDS, path, "question")
         if not isinstance(q["question"], str):
             raise InputError(f"{path}: question #{i} field 'question' must be a string, got {q['question']!r:.40}")
-        for key in ("image_id", "question_id"):
-            if isinstance(q[key], bool) or not isinstance(q[key], int):
-                raise InputError(f"{path}: question #{i} field '{key}' must be an integer, got {q[key]!r:.40}")
+        _check_ids(q, i, path, "question")
     return questions, header.get("data_subtype")
+
+
+def _check_ids(item: dict, i: int, path: Path, what: str) -> None:
+    for key in ("image_id", "question_id"):
+        if isinstance(item[key], bool) or not isinstance(item[key], int):
+            raise InputError(f"{path}: {what} #{i} field '{key}' must be an integer, got {item[key]!r:.40}")
 
 
 def _raw_answers(ann: dict, i: int, path: Path) -> list[str]:
@@ -194,6 +211,7 @@ def load_annotations(path: Path) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for i, ann in enumerate(annotations):
         _check_fields(ann, i, ANNOTATION_FIELDS, path, "annotation")
+        _check_ids(ann, i, path, "annotation")
         if ann["question_id"] in out:
             raise InputError(f"{path}: annotation #{i} repeats question_id {ann['question_id']}")
         for key in ("multiple_choice_answer", "question_type", "answer_type"):
@@ -227,7 +245,9 @@ class ImageNamer:
         self.store = store
         self.store_ids: Optional[set[str]] = None
         if store is not None:
-            ids = read_json(Path(store) / "img_ids.json", "feature store image ids")
+            ids = read_json_file(Path(store) / "img_ids.json", "feature store image ids")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise InputError(f"{Path(store) / 'img_ids.json'}: expected a list of image id strings")
             self.store_ids = set(ids)
 
     def __call__(self, split: str, q: dict, i: int, path: Path, subtype: Optional[str]) -> str:
@@ -333,6 +353,7 @@ def prepare_questions(raw: dict[str, RawSplit], out: str | Path, vocab_from: Seq
     """Raw splits (name -> files) -> question files, answer side files and the vocabulary in `out`.
 
     All splits are loaded and checked first; files are written only when every one is valid."""
+    check_output(out, folder=True)
     namer = namer or ImageNamer()
     splits = {name: load_split(name, files, namer) for name, files in raw.items()}
     if carve is not None:
@@ -393,16 +414,38 @@ class _Shape:
     ids: set = field(default_factory=set)
 
 
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
 def _count_records(path: Path) -> int:
-    """First pass: the number of non-blank lines, read in binary without parsing (store size)."""
+    """First pass: the number of non-blank lines, read in binary without parsing (store size). Lines end in LF
+    or CRLF; a carriage return anywhere else is refused (before the first line is read whole: a file with
+    old Mac line endings is one line of 17 GB), as the TSV reader would split a record there."""
     try:
         with open(path, "rb") as fh:
-            return sum(1 for line in fh if line.strip())
+            _check_line_ends(fh.read(1 << 20).rstrip(b"\r"), path, 1)  # a CR at the end may start a CRLF
+            fh.seek(0)
+            count = 0
+            for number, line in enumerate(fh, 1):
+                _check_line_ends(line, path, number)
+                count += bool(line.strip())
+            return count
     except FileNotFoundError:
         raise InputError(f"feature file not found: {path}; LXMERT's *_obj36.tsv files go in "
                          f"data/raw/mscoco_imgfeat/ (see data/README.md)") from None
     except IsADirectoryError:
         raise InputError(f"{path} is a folder; give the .tsv files themselves") from None
+    except OSError as e:
+        raise InputError(f"feature file {path} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _check_line_ends(chunk: bytes, path: Path, first_line: int) -> None:
+    """Refuse a carriage return that does not end a CRLF line break in `chunk`, which starts at `first_line`."""
+    bare = _BARE_CR.search(chunk) if b"\r" in chunk else None
+    if bare is not None:
+        line = first_line + chunk.count(b"\n", 0, bare.start())
+        raise InputError(f"{path}, line {line}: carriage return (\\r) inside a line (old Mac or mixed line endings, "
+                         f"which split the records); lines must end in LF or CRLF")
 
 
 def _tsv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -475,7 +518,7 @@ def _image_id(row: list[str], layout: Layout, where: str) -> str:
     raw = row[layout.index(layout.id_field)]
     if layout is OBJ36:
         return raw
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise InputError(f"{where}: field 'image_id' = {raw[:40]!r} is not an integer COCO image id")
     return coco_id_name(int(raw))
 
@@ -555,7 +598,7 @@ def prepare_features(tsv_files: Sequence[str | Path], out: str | Path, dtype: st
     line at a time into memory maps, so the 17 GB files never sit in RAM."""
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype: '{dtype}' is not float32 or float16")
-    out = Path(out)
+    out = check_output(out, folder=True)
     for stale in remove_temporaries(out.parent, of=out.name):  # a killed or failed earlier run's store
         log(f"removed {stale}, left by an interrupted run")
     refuse_existing(out, overwrite)  # before reading the (17 GB) files, not after
@@ -574,10 +617,16 @@ def prepare_features(tsv_files: Sequence[str | Path], out: str | Path, dtype: st
     return {"num_images": total, "num_boxes": shape.num_boxes, "feat_dim": shape.feat_dim, "dtype": dtype}
 
 
-def prepare_tokenizer(question_files: Sequence[str | Path], out: str | Path, log: Log = _stderr) -> Path:
+def prepare_tokenizer(question_files: Sequence[str | Path], out: str | Path, overwrite: bool = False,
+                      log: Log = _stderr) -> Path:
     """A word-level BERT vocabulary of the questions' words, saved as a transformers BertTokenizer that
     from_pretrained(out) reads back (the embedded benchmark makes its own the same way). In transformers 5,
-    BertTokenizerFast(vocab_file=...) silently ignores the file and maps every word to [UNK]."""
+    BertTokenizerFast(vocab_file=...) silently ignores the file and maps every word to [UNK]. The folder is
+    written whole; one that exists and holds anything is replaced only with `overwrite`."""
+    out = check_output(out, folder=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out {out}: the folder exists and is not empty; the tokenizer would replace all of it: "
+                         f"give a new folder, or pass --overwrite")
     sentences = []
     for path in map(Path, question_files):
         questions = read_json(path, "question file")
@@ -585,7 +634,6 @@ def prepare_tokenizer(question_files: Sequence[str | Path], out: str | Path, log
                                                       for q in questions):
             raise InputError(f"{path}: expected prepared questions (a list of objects with a string 'sent')")
         sentences += [q["sent"] for q in questions]
-    out = Path(out)
     with atomic_folder(out, overwrite=True) as tmp:
         write_vocab_tokenizer(tmp, sentences)
     log(f"tokenizer of {len(sentences)} questions -> {out} (model.tokenizer: {out})")
@@ -601,6 +649,9 @@ def _raw_splits(items: Optional[list[list[str]]]) -> dict[str, RawSplit]:
     for item in items or []:
         if len(item) not in (2, 3):
             raise InputError(f"--split {' '.join(item)}: give NAME QUESTIONS [ANNOTATIONS]")
+        if item[0] in out:
+            raise InputError(f"--split {item[0]}: given twice (the second would replace the first); "
+                             f"give each split once")
         out[item[0]] = RawSplit(Path(item[1]), Path(item[2]) if len(item) == 3 else None)
     return out
 
@@ -630,8 +681,8 @@ def _add_question_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lxmert prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m lxmert prepare", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     vqa = sub.add_parser("vqa", help="raw VQA v2 / VQA-CP v2 files -> question files")
     _add_question_options(vqa)
@@ -654,6 +705,7 @@ def _parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="a word-level BERT tokenizer of the questions of prepared question files")
     tok.add_argument("questions", nargs="+", help="prepared question files (<split>.json)")
     tok.add_argument("--out", required=True, help="tokenizer folder (model.tokenizer)")
+    tok.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not empty")
     fp = sub.add_parser("fingerprint", help="record (again) the fingerprint of a feature store")
     fp.add_argument("store", help="feature store folder")
     return parser
@@ -665,6 +717,9 @@ def _run_vqa(args: argparse.Namespace) -> None:
         raise InputError("vqa: give at least one --split NAME QUESTIONS [ANNOTATIONS]")
     _check_exist(raw, "see data/README.md for the downloads")
     vocab_from = args.vocab_from or [next(iter(raw))]
+    twice = next((name for i, name in enumerate(vocab_from) if name in vocab_from[:i]), None)
+    if twice is not None:
+        raise InputError(f"--vocab-from {twice}: given twice (its answers would be counted twice)")
     carve = None
     if args.carve_val is not None:
         carve = Carve(args.carve_from or vocab_from[0], args.val_name, args.carve_val, args.seed)
@@ -685,7 +740,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     run = {"vqa": lambda: _run_vqa(args), "vqavs": lambda: _run_vqavs(args),
            "features": lambda: prepare_features(args.tsv, args.out, args.dtype, args.overwrite),
-           "tokenizer": lambda: prepare_tokenizer(args.questions, args.out),
+           "tokenizer": lambda: prepare_tokenizer(args.questions, args.out, args.overwrite),
            "fingerprint": lambda: _stderr(f"{args.store}: fingerprint {refresh_fingerprint(args.store)['sample_sha256']}")}
     return exit_code(run[args.command])
 

@@ -615,6 +615,9 @@ def prepare_embedded(cfg: Config, log: Callable[[str], None] = print) -> Path:
     processes started together generate it once; only the lock holder removes an interrupted
     generation's temporaries."""
     root = Path(cfg.data.root)
+    if root.exists() and not root.is_dir():  # checked before the lock, which is created beside the folder
+        raise InputError(f"data.root {root} is not a folder; set data.root to a new folder for the embedded "
+                         "benchmark")
     with FileLock(root.parent / f".{root.name}.lock"):
         for path in remove_temporaries(root.parent, of=root.name):
             log(f"removed {path}, left by an interrupted generation")

@@ -27,11 +27,13 @@ rest; `qa_head`)
 (models/embedded_pretrain/encoder, outside the data folder), with pretrain.json recording the settings it
 was made with and its per-epoch metrics. The embedded configs read it as model.pretrained;
 `ensure_pretrained` makes it once (under a lock, so cooperating processes make it once) and refuses one
-made with other settings.
+made with other settings. A killed pretraining resumes from its last finished epoch (checkpoints in
+<export>.run/, removed once the export is published) to the same weights.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import re
@@ -45,15 +47,18 @@ from transformers import LxmertConfig, LxmertForPreTraining, get_linear_schedule
 
 from ..core.config import Config
 from ..core.errors import InputError
-from ..core.files import atomic_folder, read_json, remove_temporaries, save_tensors, write_json
+from ..core.files import atomic_folder, load_state, read_json, remove_temporaries, remove_tree, \
+    save_state, save_tensors, write_json
 from ..core.locks import FileLock
 from ..core.logs import setup_logging
+from ..core.paths import SETTINGS, Run
 from ..core.settings import plain, setting_changes, unit_settings
 from ..data.answers import AnswerVocab
 from ..data.features import FeatureStore
 from ..data.tokenizer import load_tokenizer
 from ..modeling.convert import HEAD_LAYERS, HEAD_PREFIX, Checkpoint, build_head
 from ..modeling.vqa import HEAD_FILE, head_metadata
+from ..train.checkpoints import check_digests, digests
 from ..train.trainer import adamw
 from .generator import (
     COLORS,
@@ -100,6 +105,7 @@ def ensure_pretrained(cfg: Config) -> None:
     with FileLock(export.parent / f".{export.name}.lock"):
         if (export / RECORD).exists():
             check_recorded(cfg, export)
+            _drop_checkpoints(export)
             return
         for path in remove_temporaries(export.parent, of=export.name):
             log.info("removed %s, left by an interrupted pretraining", path)
@@ -116,6 +122,18 @@ def check_recorded(cfg: Config, export: Path) -> None:
                          "folder")
 
 
+def _drop_checkpoints(export: Path) -> None:
+    """The checkpoints of a pretraining whose export was published (a kill came between the two), and what a
+    kill while removing them left."""
+    run = _run(export).folder
+    remove_tree(run)
+    remove_temporaries(run.parent, of=run.name)
+
+
+def _run(export: Path) -> Run:
+    return Run(export.parent / f"{export.name}.run")
+
+
 def run_pretrain(cfg: Config) -> Path:
     """The `pretrain` command: make the stand-in encoder of the config (refuses an existing one made with
     other settings; an existing one made with these settings is kept)."""
@@ -124,6 +142,7 @@ def run_pretrain(cfg: Config) -> Path:
     with FileLock(export.parent / f".{export.name}.lock"):
         if (export / RECORD).exists():
             check_recorded(cfg, export)
+            _drop_checkpoints(export)
             log.info("%s is already there, made with these settings", export)
             return export
         for path in remove_temporaries(export.parent, of=export.name):
@@ -264,17 +283,24 @@ def held_out_metrics(model, data: PretrainData, images: np.ndarray, token_mask: 
 
 
 def _pretrain(cfg: Config) -> Path:
-    """Pretrain the stand-in and export its encoder (see the module docstring). Cheap enough (a few minutes
-    on one core) to be made again rather than resumed."""
+    """Pretrain the stand-in and export its encoder (see the module docstring). Every epoch but the last ends
+    with a checkpoint in <export>.run/ (model, optimizer, scheduler, both RNG states, history), so a killed
+    pretraining resumes at its last finished epoch and ends with the same weights; the folder goes once the
+    export is published."""
     if cfg.data.dataset != "embedded" or cfg.model.family != "lxmert":
         raise InputError("the stand-in pretraining is for the embedded benchmark with model.family=lxmert "
                          f"(this config has data.dataset={cfg.data.dataset}, model.family={cfg.model.family})")
+    export = Path(cfg.pretrain.export)
+    if export.exists() and (not export.is_dir() or any(export.iterdir())):
+        raise InputError(f"pretrain.export {export} exists and holds no stand-in encoder ({RECORD} is missing); "
+                         "nothing is replaced: remove it or set pretrain.export (and model.pretrained) elsewhere")
     prepare_embedded(cfg, log.info)
     pc, started = cfg.pretrain, time.time()
     data = PretrainData(cfg)
     order = np.random.default_rng([pc.seed, 0]).permutation(len(data))
     held = np.sort(order[: int(pc.held_out * len(data))])
     train = order[len(held):]
+    run = _run(export)
     with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(pc.seed)
         model = build_model(cfg, data)
@@ -283,8 +309,8 @@ def _pretrain(cfg: Config) -> Path:
         optimizer = adamw(model.parameters(), pc.lr, torch.device("cpu"))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(pc.warmup * steps), steps)
         rng = np.random.default_rng([pc.seed, 1])
-        history = []
-        for epoch in range(pc.epochs):
+        state = _Progress(run, settings(cfg), model, optimizer, scheduler, rng)
+        for epoch in range(state.resume(), pc.epochs):
             losses = []
             examples = epoch_examples(data, train, epoch, rng)
             for start in range(0, len(examples), pc.batch_size):
@@ -298,21 +324,76 @@ def _pretrain(cfg: Config) -> Path:
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
             metrics = held_out_metrics(model, data, held, pc.token_mask, pc.region_mask) if len(held) else {}
-            history.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), **metrics})
+            state.history.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), **metrics})
             log.info("stand-in pretraining | epoch %d/%d | loss %.4f | held out: %s", epoch + 1, pc.epochs,
-                     history[-1]["loss"], ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
-    export = Path(pc.export)
+                     state.history[-1]["loss"], ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+            if epoch + 1 < pc.epochs:
+                state.save(epoch + 1, time.time() - started)
     head, copied, answers = qa_head(cfg, model)
     with atomic_folder(export, overwrite=True) as tmp:
         model.lxmert.save_pretrained(str(tmp))
         data.tokenizer.save_pretrained(str(tmp))
         save_tensors(tmp / HEAD_FILE, head, metadata=head_metadata(answers))
-        write_json(tmp / RECORD, {"settings": settings(cfg), "history": history,
+        write_json(tmp / RECORD, {"settings": settings(cfg), "history": state.history,
                                   "images": {"train": len(train), "held_out": len(held)},
                                   "qa_head_answers_copied": copied,
-                                  "seconds": round(time.time() - started, 1)})
-    log.info("exported the stand-in encoder to %s (%.0f s)", export, time.time() - started)
+                                  "seconds": round(state.seconds + time.time() - started, 1)})
+    remove_tree(run.folder)
+    log.info("exported the stand-in encoder to %s (%.0f s)", export, state.seconds + time.time() - started)
     return export
+
+
+class _Progress:
+    """The pretraining's checkpoints in a run folder: the state after each finished epoch, published whole
+    (core.files.atomic_folder), older ones removed; settings.json says what they were made with."""
+
+    def __init__(self, run: Run, settings: dict, model, optimizer, scheduler, rng: np.random.Generator):
+        self.run, self.settings = run, settings
+        self.model, self.optimizer, self.scheduler, self.rng = model, optimizer, scheduler, rng
+        self.history: list[dict] = []
+        self.seconds = 0.0  # spent before the last resume
+
+    def resume(self) -> int:
+        """The epoch to start at: after the newest checkpoint (its state restored), else 0."""
+        folder = self.run.folder
+        for path in remove_temporaries(folder) if folder.exists() else []:
+            log.info("removed %s, left by an interrupted pretraining", path)
+        found = self.run.checkpoints()
+        if (folder / SETTINGS).exists():
+            recorded = read_json(folder / SETTINGS, "stand-in pretraining checkpoint settings")
+            changed = setting_changes(recorded if isinstance(recorded, dict) else {}, self.settings, shown=3)
+            if changed:
+                raise InputError(f"{folder}: checkpoints of a stand-in pretraining with other settings ({changed}); "
+                                 f"remove {folder} to start this one")
+        elif found:
+            raise InputError(f"{folder}: checkpoints without their {SETTINGS}; remove {folder} to start again")
+        if not found:
+            write_json(folder / SETTINGS, self.settings)
+            return 0
+        newest = found[-1]
+        check_digests(newest)
+        state = load_state(newest / "trainer.pt")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.rng.bit_generator.state = json.loads(state["numpy_rng"])
+        self.history, self.seconds = list(state["history"]), float(state["seconds"])
+        for old in found[:-1]:
+            remove_tree(old)
+        log.info("stand-in pretraining: resumed from %s at epoch %d", newest, state["epoch"] + 1)
+        return int(state["epoch"])
+
+    def save(self, epoch: int, seconds: float) -> None:
+        with atomic_folder(self.run.checkpoint(epoch, epoch, 0), overwrite=True) as tmp:
+            # torch.save, not safetensors: the masked-LM decoder shares the word embeddings' storage
+            save_state(tmp / "trainer.pt", {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(self.rng.bit_generator.state),
+                "history": self.history, "epoch": epoch, "seconds": self.seconds + seconds})
+            write_json(tmp / "manifest.json", {"step": epoch, "files": digests(tmp)})
+        for old in self.run.checkpoints()[:-1]:
+            remove_tree(old)
 
 
 @contextlib.contextmanager

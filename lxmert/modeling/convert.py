@@ -13,20 +13,24 @@ and `conversion.json` (what was copied and what was dropped).
 
 Every checkpoint key is accounted for: `bert.*` goes to the encoder (the transformers port keeps the
 original module names), `answer_head.logit_fc.{0,2,3}.*` to the head, and the pretraining-only heads
-(`cls.*`, `obj_predict_head.*`) are dropped by name. Any other key, or any encoder weight the
-checkpoint lacks, stops the conversion: a silent partial load would fine-tune a half-random model.
+(`cls.*`, `obj_predict_head.*`) are dropped by name. Any other key, any encoder weight the checkpoint
+lacks (a whole layer stack included: no `bert.encoder.x_layers.*` is not a model without cross-modality
+layers), or a tensor of the wrong shape stops the conversion with one line naming it: a silent partial load
+would fine-tune a half-random model.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..core.cli import Parser, check_output
 from ..core.errors import InputError, exit_code
 from ..core.files import atomic_folder, read_json, refuse_existing, save_tensors, write_json
 from ..data.answers import AnswerVocab
@@ -64,16 +68,32 @@ def _require(path: Path, what: str) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The release's state dict, read without unpickling code; a DataParallel `module.` prefix is removed."""
+    """The release's state dict, read without unpickling code (torch.load with weights_only=True, never
+    retried without); a DataParallel `module.` prefix is removed."""
     path = Path(path)
     _require(path, "checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors for a bad file
-        raise InputError(f"{path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path}: expected a state dict of tensors")
+        raise InputError(f"{path}: not a PyTorch state dict of tensors ({_load_failure(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputError(f"{path}: expected a state dict (tensor name -> tensor)")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_failure(error: Exception) -> str:
+    """torch.load's error in a few words: its own text spans lines and suggests loading without
+    weights_only, which would run whatever code the file holds."""
+    text = str(error)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return f"it would call {unsafe.group(1)}; refused without running it: a state dict holds no code"
+    if "Weights only load failed" in text:
+        return f"{type(error).__name__}: refused by torch's safe loader without running it, not plain tensors"
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'unreadable'}"
 
 
 def sort_keys(state: dict[str, torch.Tensor], source: str) -> Checkpoint:
@@ -96,11 +116,52 @@ def sort_keys(state: dict[str, torch.Tensor], source: str) -> Checkpoint:
     return out
 
 
-def _count_layers(encoder: dict[str, torch.Tensor], stack: str) -> int:
+# The encoder's three layer stacks: config key -> (module name, what it is).
+STACKS = {"l_layers": ("layer", "language"), "x_layers": ("x_layers", "cross-modality"),
+          "r_layers": ("r_layers", "object-relationship")}
+# Encoder tensors whose shapes give the config: key -> (the config size it gives, which dimension is the hidden size).
+SIZED = {"embeddings.word_embeddings.weight": ("vocab_size", 1),
+         "embeddings.position_embeddings.weight": ("max_position_embeddings", 1),
+         "embeddings.token_type_embeddings.weight": ("type_vocab_size", 1),
+         "encoder.layer.0.intermediate.dense.weight": ("intermediate_size", 1),
+         "encoder.visn_fc.visn_fc.weight": ("visual_feat_dim", 0),
+         "encoder.visn_fc.box_fc.weight": ("visual_pos_dim", 0)}
+
+
+def _count_layers(encoder: dict[str, torch.Tensor], config_key: str) -> int:
+    """The layers of one stack; a stack without any stops the conversion (the model would silently lack it)."""
+    stack, what = STACKS[config_key]
     found = {int(m.group(1)) for k in encoder if (m := re.match(rf"encoder\.{stack}\.(\d+)\.", k))}
+    if not found:
+        raise InputError(f"checkpoint: no bert.encoder.{stack}.* tensors: the {what} layer stack ({config_key}) is "
+                         f"missing (the release has 9 language, 5 cross-modality and 5 object-relationship layers)")
     if found != set(range(len(found))):
-        raise InputError(f"checkpoint: layers of encoder.{stack} are not numbered 0..n-1: {sorted(found)}")
+        raise InputError(f"checkpoint: layers of bert.encoder.{stack} are not numbered 0..n-1: {sorted(found)}")
     return len(found)
+
+
+def _shape(tensors: dict[str, torch.Tensor], key: str, rank: int, name: str) -> tuple[int, ...]:
+    """The shape of tensors[key] (`name` in the checkpoint), which must have `rank` non-empty dimensions."""
+    if key not in tensors:
+        raise InputError(f"checkpoint: tensor {name} is missing")
+    shape = tuple(tensors[key].shape)
+    if len(shape) != rank or 0 in shape:
+        raise InputError(f"checkpoint: {name} has shape {shape}, expected {rank} non-empty dimension(s)")
+    return shape
+
+
+def encoder_sizes(enc: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The config sizes the encoder's shapes give. The hidden size is the length of the embeddings' LayerNorm
+    weight; each other sizing tensor must have it where it belongs (a transposed or truncated one is named)."""
+    (hidden,) = _shape(enc, "embeddings.LayerNorm.weight", 1, "bert.embeddings.LayerNorm.weight")
+    sizes = {"hidden_size": hidden}
+    for key, (size, hidden_dim) in SIZED.items():
+        shape = _shape(enc, key, 2, f"bert.{key}")
+        if shape[hidden_dim] != hidden:
+            raise InputError(f"checkpoint: bert.{key} has shape {shape}, but its dimension {hidden_dim} should be the "
+                             f"hidden size {hidden} (of bert.embeddings.LayerNorm.weight); transposed or truncated?")
+        sizes[size] = shape[1 - hidden_dim]
+    return sizes
 
 
 def infer_config(ckpt: Checkpoint, num_attention_heads: Optional[int], state: dict[str, torch.Tensor]):
@@ -108,26 +169,16 @@ def infer_config(ckpt: Checkpoint, num_attention_heads: Optional[int], state: di
     unless given)."""
     from transformers import LxmertConfig
 
-    enc = ckpt.encoder
-    try:
-        vocab, hidden = enc["embeddings.word_embeddings.weight"].shape
-        cfg = dict(vocab_size=vocab, hidden_size=hidden,
-                   max_position_embeddings=enc["embeddings.position_embeddings.weight"].shape[0],
-                   type_vocab_size=enc["embeddings.token_type_embeddings.weight"].shape[0],
-                   intermediate_size=enc["encoder.layer.0.intermediate.dense.weight"].shape[0],
-                   visual_feat_dim=enc["encoder.visn_fc.visn_fc.weight"].shape[1],
-                   visual_pos_dim=enc["encoder.visn_fc.box_fc.weight"].shape[1])
-    except KeyError as e:
-        raise InputError(f"checkpoint: encoder tensor bert.{e.args[0]} is missing") from None
+    layers = {key: _count_layers(ckpt.encoder, key) for key in STACKS}
+    sizes = encoder_sizes(ckpt.encoder)
+    hidden = sizes["hidden_size"]
     heads = num_attention_heads or (hidden // 64 if hidden % 64 == 0 else None)
     if not heads or hidden % heads:
         raise InputError(f"--num-attention-heads: hidden size {hidden} needs a head count that divides it")
-    extra = {name: state[key].shape[0] for name, key in (
+    extra = {name: _shape(state, key, 1, key)[0] for name, key in (
         ("num_qa_labels", HEAD_PREFIX + "3.bias"), ("num_object_labels", "obj_predict_head.decoder_dict.obj.bias"),
         ("num_attr_labels", "obj_predict_head.decoder_dict.attr.bias")) if key in state}
-    return LxmertConfig(num_attention_heads=heads, l_layers=_count_layers(enc, "layer"),
-                        x_layers=_count_layers(enc, "x_layers"), r_layers=_count_layers(enc, "r_layers"),
-                        **cfg, **extra)
+    return LxmertConfig(num_attention_heads=heads, **layers, **sizes, **extra)
 
 
 def load_encoder(ckpt: Checkpoint, config):
@@ -139,11 +190,12 @@ def load_encoder(ckpt: Checkpoint, config):
     missing = sorted(set(expected) - set(ckpt.encoder))
     extra = sorted(set(ckpt.encoder) - set(expected))
     reshaped = sorted(k for k in set(expected) & set(ckpt.encoder) if expected[k].shape != ckpt.encoder[k].shape)
+    shapes = {k: f" {tuple(ckpt.encoder[k].shape)} not {tuple(expected[k].shape)}" for k in reshaped}
     for what, keys in (("missing from the checkpoint", missing), ("unknown to LxmertModel", extra),
                        ("of the wrong shape", reshaped)):
         if keys:
             raise InputError(f"checkpoint: {len(keys)} encoder tensor(s) {what}: "
-                             f"{', '.join('bert.' + k for k in keys[:10])}")
+                             f"{', '.join('bert.' + k + shapes.get(k, '') for k in keys[:10])}")
     model.load_state_dict(ckpt.encoder, strict=True)
     return model
 
@@ -169,6 +221,19 @@ def release_answers(path: str | Path, rows: int) -> list[str]:
     if len(answers) != rows:
         raise InputError(f"{path}: {len(answers)} answers, but the checkpoint's QA head has {rows} rows")
     return answers
+
+
+def output_rows(ckpt: Checkpoint, hidden: int) -> int:
+    """The rows (answers) of the release's QA output layer, 0 without one. Its weight and bias come together
+    and fit the head's hidden layers: [rows, 2 x hidden] and [rows]."""
+    if "head.3.weight" not in ckpt.head and "head.3.bias" not in ckpt.head:
+        return 0
+    weight = _shape(ckpt.head, "head.3.weight", 2, HEAD_PREFIX + "3.weight")
+    (rows,) = _shape(ckpt.head, "head.3.bias", 1, HEAD_PREFIX + "3.bias")
+    if weight != (rows, 2 * hidden):
+        raise InputError(f"checkpoint: {HEAD_PREFIX}3.weight has shape {weight}, expected {(rows, 2 * hidden)} "
+                         f"(the rows of {HEAD_PREFIX}3.bias, twice the hidden size {hidden})")
+    return rows
 
 
 # The original fine-tuning's conversion of a task answer before it is looked up among the release's answers
@@ -205,8 +270,8 @@ def build_head(ckpt: Checkpoint, hidden: int, vocab: AnswerVocab, answers: Optio
     for key in ("head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"):
         if key in ckpt.head:
             if ckpt.head[key].shape != state[key].shape:
-                raise InputError(f"checkpoint: {key} has shape {tuple(ckpt.head[key].shape)}, "
-                                 f"expected {tuple(state[key].shape)}")
+                raise InputError(f"checkpoint: {HEAD_PREFIX}{key.removeprefix('head.')} has shape "
+                                 f"{tuple(ckpt.head[key].shape)}, expected {tuple(state[key].shape)}")
             state[key] = ckpt.head[key].clone()
     copied: list[str] = []
     if answers is None or "head.3.weight" not in ckpt.head:
@@ -241,6 +306,7 @@ def convert(checkpoint: str | Path, answers: str | Path, out: str | Path,
             pretrained_answers: Optional[str | Path] = None, num_attention_heads: Optional[int] = None,
             seed: int = 0, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Convert; everything is checked before the output folder appears (written whole, then renamed)."""
+    check_output(out, folder=True)
     refuse_existing(out, overwrite)
     _require(Path(answers), "answer vocabulary")
     vocab = AnswerVocab.load(answers)
@@ -248,7 +314,7 @@ def convert(checkpoint: str | Path, answers: str | Path, out: str | Path,
     ckpt = sort_keys(state, str(checkpoint))
     config = infer_config(ckpt, num_attention_heads, state)
     encoder = load_encoder(ckpt, config)
-    rows = ckpt.head["head.3.bias"].shape[0] if "head.3.bias" in ckpt.head else 0
+    rows = output_rows(ckpt, config.hidden_size)
     names = release_answers(pretrained_answers, rows) if pretrained_answers is not None else None
     head, copied = build_head(ckpt, config.hidden_size, vocab, names, seed)
     report = _report(ckpt, vocab, copied, names is not None, checkpoint=checkpoint, answers=answers,
@@ -269,14 +335,14 @@ def convert(checkpoint: str | Path, answers: str | Path, out: str | Path,
 def _heads(text: Optional[str]) -> Optional[int]:
     if text is None:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise InputError(f"--num-attention-heads {text}: give a positive number of attention heads")
     return int(text)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lxmert convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m lxmert convert", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the release's model_LXRT.pth")
     parser.add_argument("--answers", required=True, help="the project's trainval_ans2label.json")
     parser.add_argument("--pretrained-answers", help="the release's answer list (all_ans.json), one per QA-head row")

@@ -60,8 +60,8 @@ class VQAModel(nn.Module):
         return self.head(pooled), pooled
 
 
-def _from_pretrained(cls, source: str, **overrides) -> nn.Module:
-    """from_pretrained with one clear error when the folder or hub id cannot be loaded."""
+def _from_pretrained(cls, source: str, **overrides):
+    """from_pretrained (of a model or a config) with one clear error when the folder or hub id cannot be loaded."""
     try:
         return cls.from_pretrained(source, **overrides)
     except OSError as e:
@@ -69,6 +69,39 @@ def _from_pretrained(cls, source: str, **overrides) -> nn.Module:
                          "- see data/README.md for where to get them; the embedded benchmark's own encoder is "
                          "made by python -m lxmert pretrain --config run/configs/embedded_pretrain.yaml (the embedded studies "
                          "make it first)") from None
+
+
+def pretrained_config(cfg: ModelConfig):
+    """The transformers config of the pretrained encoder (read without its weights), None without one."""
+    from transformers import LxmertConfig, VisualBertConfig
+
+    if not cfg.pretrained:
+        return None
+    return _from_pretrained(LxmertConfig if cfg.family == "lxmert" else VisualBertConfig, cfg.pretrained)
+
+
+def feature_dim(config) -> int:
+    """The region-feature size a transformers LXMERT or VisualBERT config expects."""
+    return config.visual_feat_dim if hasattr(config, "visual_feat_dim") else config.visual_embedding_dim
+
+
+def check_inputs(cfg: ModelConfig, largest_token: int, feat_dim: int, max_seq_length: int) -> None:
+    """Refuse data the pretrained encoder cannot read, before any work: token ids beyond its vocabulary (a
+    tokenizer larger than the model's), more positions than it has, region features of another size."""
+    config = pretrained_config(cfg)
+    if config is None:
+        return
+    if largest_token >= config.vocab_size:
+        raise InputError(f"the tokenizer gives token id {largest_token}, but the pretrained model '{cfg.pretrained}' "
+                         f"(model.pretrained) has a vocabulary of {config.vocab_size}: use the tokenizer it was "
+                         "pretrained with (model.tokenizer)")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_seq_length > positions:
+        raise InputError(f"data.max_seq_length {max_seq_length} exceeds the {positions} positions of the pretrained "
+                         f"model '{cfg.pretrained}'")
+    if feature_dim(config) != feat_dim:
+        raise InputError(f"pretrained model {cfg.pretrained} expects {feature_dim(config)}-d region features, "
+                         f"the feature store has {feat_dim}")
 
 
 def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
@@ -106,11 +139,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: i
     the data) lets a pretrained QA head be checked against the answer order it was built for."""
     model = VQAModel(_encoder(cfg, vocab_size, feat_dim), cfg.family, num_answers)
     if cfg.pretrained:
-        expected = model.encoder.config.visual_feat_dim if cfg.family == "lxmert" else \
-            model.encoder.config.visual_embedding_dim
-        if expected != feat_dim:
-            raise InputError(f"pretrained model {cfg.pretrained} expects {expected}-d region features, "
-                             f"the feature store has {feat_dim}")
+        if feature_dim(model.encoder.config) != feat_dim:
+            raise InputError(f"pretrained model {cfg.pretrained} expects {feature_dim(model.encoder.config)}-d "
+                             f"region features, the feature store has {feat_dim}")
         _load_pretrained_head(model, Path(cfg.pretrained) / HEAD_FILE, answers)
     if cfg.answer_prior is not None:
         shift_answer_biases(model, cfg.answer_prior)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.config import STUDY_B_PRUNABLE
+from ..core.errors import InputError
 from .masks import measure_mask
 from .prunable import prunable_tensors
 
@@ -86,6 +87,16 @@ def resolve_sparsity(sparsity: float | Sequence[float] | Mapping[str, float], pr
     if missing:
         raise ValueError(f"no sparsity given for modality {', '.join(missing)}, which has prunable tensors")
     return {m: float(v) for m, v in table.items() if m in present}
+
+
+def check_target(sizes: dict[str, list[int]], sparsity: float | Mapping[str, float], key: str) -> None:
+    """Refuse, before any work, a target whose masks would keep no weight at all (`sizes`: the prunable
+    tensors' sizes per modality)."""
+    table = resolve_sparsity(sparsity, set(sizes)) if not isinstance(sparsity, Mapping) else \
+        {m: float(v) for m, v in sparsity.items() if m in sizes}
+    if sum(keep_count(n, table[m]) for m, ns in sizes.items() for n in ns) == 0:
+        raise InputError(f"{key}: {sparsity} keeps none of the {sum(map(sum, sizes.values())):,} prunable weights "
+                         "of this model; lower it")
 
 
 class _StraightThroughStep(torch.autograd.Function):

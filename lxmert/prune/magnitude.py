@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import InputError
 from .masks import parameter
 from .prunable import PrunableTensor
 
@@ -128,6 +129,24 @@ def survivor_counts(sizes: list[int], pruned: list[int], sparsity: float) -> lis
             break
         counts = [c + k for c, k in zip(counts, step)]
     return counts
+
+
+def first_counts(sizes: list[int], sparsity: float, scope: str) -> list[int]:
+    """Per-tensor pruned counts of a first level (from a full mask) at `sparsity` (global scope: the total
+    spread over tensors as the threshold would; only the total matters to the callers)."""
+    if scope == "global":
+        return [int(round(sparsity * sum(sizes)))]
+    if scope == "survivors":
+        return survivor_counts(sizes, [0] * len(sizes), sparsity)
+    return [int(round(sparsity * n)) for n in sizes]
+
+
+def check_level(sizes: list[int], sparsity: float, scope: str, key: str) -> None:
+    """Refuse, before any work, a level whose mask would prune every weight of the prunable set (saving
+    such a mask is refused; a tiny model reaches it long before a base one)."""
+    if sum(first_counts(sizes, sparsity, scope)) >= sum(sizes):
+        raise InputError(f"{key}: sparsity {sparsity} prunes all {sum(sizes):,} prunable weights of this model "
+                         f"({scope} scope); lower it")
 
 
 def prune(mode: str, model: nn.Module, prunable: list[PrunableTensor], current: dict[str, torch.Tensor],

@@ -41,10 +41,14 @@ def sparsity_report(zeros: dict[str, int], sizes: dict[str, int], modalities: di
 
 
 def measure_weights(model: nn.Module, prunable: list[PrunableTensor]) -> dict:
-    """Sparsity measured from the weights themselves (exact zeros), never assumed from a mask."""
+    """Sparsity measured from the weights themselves (exact zeros), never assumed from a mask. An embedding's
+    padding row is left out: it is zero in every model, pruned or not (a dense model would otherwise measure
+    a sparsity of 1 / vocabulary size in its word embeddings)."""
     zeros, sizes = {}, {}
     for t in prunable:
         w = parameter(model, t.name).detach()
+        if t.padding_row is not None:
+            w = torch.cat([w[:t.padding_row], w[t.padding_row + 1:]])
         zeros[t.name], sizes[t.name] = int((w == 0).sum()), w.numel()
     return sparsity_report(zeros, sizes, {t.name: t.modality for t in prunable})
 

@@ -20,6 +20,7 @@ MODALITIES = ("language", "vision", "cross", "pooler", "head")
 class PrunableTensor:
     name: str
     modality: str
+    padding_row: Optional[int] = None  # an embedding's padding row: zero by construction, never trained
 
 
 def _modality(family: str, name: str) -> Optional[str]:
@@ -52,11 +53,12 @@ def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT
     one of the glob patterns (fnmatch), in model order. Biases and LayerNorm weights are never candidates.
     Each tensor's modality (language / vision / cross / pooler / head) comes from its name; a pattern
     that matches nothing is an error (a typo must not silently shrink the set)."""
-    candidates = [f"{name}.weight" for name, module in model.named_modules()
-                  if isinstance(module, (nn.Linear, nn.Embedding))]
+    modules = {f"{name}.weight": module for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Embedding))}
+    candidates = list(modules)
     unused = [p for p in patterns if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
     if unused:
         raise InputError(f"prunable pattern(s) {unused} match no Linear or Embedding weight of this "
                          f"{model.family} model (names look like {candidates[0]}, {candidates[-1]})")
-    return [PrunableTensor(c, _modality(model.family, c) or "other") for c in candidates
-            if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
+    return [PrunableTensor(c, _modality(model.family, c) or "other", getattr(modules[c], "padding_idx", None))
+            for c in candidates if any(fnmatch.fnmatchcase(c, p) for p in patterns)]

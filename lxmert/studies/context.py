@@ -4,6 +4,7 @@ plus the experiment-wide checks made before any work."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 
 from ..core import distributed as dist
+from ..core import environment
 from ..core.config import Config
+from ..core.environment import check_device
 from ..core.errors import InputError
 from ..core.files import (
     file_sha256,
@@ -33,10 +36,11 @@ from ..core.paths import Experiment
 from ..core.scheduler import once
 from ..core.settings import DATA_KEYS, model_keys, plain, setting_changes, unit_settings
 from ..data.datasets import Data, VQADataset, load_data
+from ..data.features import sample_rows
 from ..embedded.generator import prepare_embedded
 from ..embedded.pretrain import ensure_pretrained
 from ..modeling.losses import make_loss, question_type_prior
-from ..modeling.vqa import VQAModel, build_model
+from ..modeling.vqa import VQAModel, build_model, check_inputs
 from ..train.blind import train_blind
 from ..train.checkpoints import run_seed, seed_everything
 from ..train.evaluation import accuracy, predict, predictions_json
@@ -54,20 +58,29 @@ class Context:
 
     @classmethod
     def load(cls, cfg: Config) -> "Context":
+        check_device(cfg)
         dist.init()
         check_writable(cfg)
         setup_logging(cfg)
+        log.info("experiment %s: %s", cfg.experiment, environment.summary(environment.describe(cfg)))
         log.info("experiment %s: loading data from %s", cfg.experiment, cfg.data.root)
         if cfg.data.dataset == "embedded":
             prepare_embedded(cfg, log.info)
         data = load_data(cfg, log.info)
         ensure_pretrained(cfg)  # the embedded benchmark's stand-in encoder, made once (embedded/pretrain.py)
-        check_data_fingerprint(cfg)
+        largest = max(int(ds.split.input_ids.max()) for ds in [data.train, data.valid, *data.tests.values()])
+        check_inputs(cfg.model, largest, data.store.feat_dim, cfg.data.max_seq_length)
+        check_data_fingerprint(cfg, data)
         return cls(cfg, data)
 
     @functools.cached_property
     def paths(self) -> Experiment:
         return Experiment(self.cfg)
+
+    @functools.cached_property
+    def environment(self) -> dict:
+        """What this process runs on (core.environment.describe): recorded in every row and result file."""
+        return environment.describe(self.cfg)
 
     @property
     def splits(self) -> list[str]:
@@ -237,26 +250,42 @@ def check_writable(cfg: Config) -> None:
 
 
 def data_files(cfg: Config) -> list[Path]:
-    """The files an experiment's numbers depend on: question files, answer vocabulary, store layout and
-    fingerprint, and a local pretrained encoder's weights."""
+    """The files an experiment's numbers depend on: question files, answer vocabulary, and a local pretrained
+    encoder's weights (the feature store is fingerprinted by the rows the splits use: used_rows)."""
     d = cfg.data
     root = Path(d.root)
-    store = Path(d.features) if Path(d.features).is_absolute() else root / d.features
     names = list(d.train) + [d.valid] + list(d.test)
-    files = [root / f"{n}.json" for n in names] + [root / d.ans2label, store / "meta.json", store / "img_ids.json"]
+    files = [root / f"{n}.json" for n in names] + [root / d.ans2label]
     if cfg.model.pretrained and Path(cfg.model.pretrained).is_dir():
         files += sorted(Path(cfg.model.pretrained).glob("*.safetensors"))
     return files
 
 
-def check_data_fingerprint(cfg: Config) -> None:
+def used_rows(data: Data) -> dict[str, str]:
+    """{'<store> rows of <split>': digest} for every loaded split: the ids of the images the split uses, their
+    arrays' shape and a sample of their rows (features.sample_rows). Images added to the store later (the
+    test2015 features of a test-server split) change no digest of a split that does not use them."""
+    out = {}
+    store = data.store
+    for ds in [data.train, data.valid, *data.tests.values()]:
+        rows = np.unique(ds.split.rows)
+        digest = hashlib.sha256(json.dumps([store.ids[r] for r in rows.tolist()]).encode())
+        digest.update(str((store.num_boxes, store.feat_dim, str(store._features.dtype))).encode())
+        for r in rows[sample_rows(len(rows))]:
+            digest.update(np.ascontiguousarray(store._features[r]).tobytes())
+            digest.update(np.ascontiguousarray(store._boxes[r]).tobytes())
+        out[f"{store.folder} rows of {ds.split.name}"] = digest.hexdigest()
+    return out
+
+
+def check_data_fingerprint(cfg: Config, data: Data) -> None:
     """models/<experiment>/data.json records the data the experiment's runs were trained on; later runs
     (and resumed ones) with other data are refused, so finished runs are never mixed with new data. Files
     added to the experiment (a new test split) are added to the record."""
     if not dist.is_main():
         return
     paths = Experiment(cfg)
-    files = {str(p): file_sha256(p) for p in data_files(cfg) if p.exists()}
+    files = {**{str(p): file_sha256(p) for p in data_files(cfg) if p.exists()}, **used_rows(data)}
     path = paths.data_record
     with FileLock(path.parent / f".{path.name}.lock"):
         remove_temporaries(path.parent, of=path.name)

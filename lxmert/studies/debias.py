@@ -44,8 +44,8 @@ from ..core.scheduler import Unit, run_units
 from ..core.settings import DATA_KEYS, TRAIN_KEYS, model_keys, unit_settings
 from ..data.datasets import BatchSampler
 from ..modeling.vqa import VQAModel
-from ..prune.learned import LearnedMasks
-from ..prune.magnitude import prune
+from ..prune.learned import LearnedMasks, check_target
+from ..prune.magnitude import check_level, prune
 from ..prune.masks import full_mask, load_mask_for, measure_weights, save_mask
 from ..prune.prunable import prunable_tensors
 from ..train.checkpoints import load_weights, run_summary
@@ -124,10 +124,24 @@ class SeedStudy:
         dc = self.cfg.debias
         return list(dict.fromkeys(dc.stage1_losses + (["bce"] if dc.lottery_baseline else [])))
 
+    def check(self) -> None:
+        """Before any work: every stage-2 target and every lottery sparsity keeps some weight."""
+        model = self.ctx.new_model(self.seed)
+        prunable = prunable_tensors(model, self.cfg.debias.prunable)
+        sizes: dict[str, list[int]] = {}
+        for t in prunable:
+            sizes.setdefault(t.modality, []).append(model.get_parameter(t.name).numel())
+        for tag, target in sparsity_settings(self.cfg):
+            check_target(sizes, target, "debias.sparsities" if tag.startswith("s") else "debias.modality_sparsities")
+        if self.cfg.debias.lottery_baseline and self.cfg.debias.sparsities:
+            check_level([n for ns in sizes.values() for n in ns], max(self.cfg.debias.sparsities),
+                        self.cfg.lottery.scope, "debias.sparsities")
+
     def units(self) -> list[Unit]:
         dc, seed, cfg = self.cfg.debias, self.seed, self.cfg
         units = [self._unit(paths.stage1(seed, loss), lambda loss=loss: self.full(loss), [""],
                             stage1_settings(cfg, loss)) for loss in self.stage1_losses()]
+        units[0].check = self.check
         for s1 in dc.stage1_losses:
             needs = (paths.stage1(seed, s1),)
             for s2 in dc.stage2_losses:
@@ -205,13 +219,15 @@ class SeedStudy:
         every, per_epoch = dc.reset_every, self._steps_per_epoch(schedule)
 
         def after_step(step: int) -> None:
-            # Also at each epoch's end, so the model evaluated (and kept as best) meets its exact counts.
+            # On a schedule of steps only, never because a checkpoint is written (a checkpoint must change no
+            # result); also at each epoch's end, so the model evaluated (and kept as best, and the final one)
+            # meets its exact counts.
             if step % every == 0 or step % per_epoch == 0:
                 masks.reset_thresholds()
 
         run = Run(folder / paths.RUN)
         spec = RunSpec(run=run, seed=self.seed, tag=f"seed {self.seed} {what.setting} {what.tag} stage 2", loss=loss,
-                       schedule=schedule, params=trainable, after_step=after_step, before_save=masks.reset_thresholds)
+                       schedule=schedule, params=trainable, after_step=after_step)
         self.ctx.train(model, spec)
         modalities = {t.name: t.modality for t in prunable_tensors(model, dc.prunable)}
         for weights, out in ((run.best, paths.BEST_PRUNED), (run.final, paths.PRUNED)):
@@ -306,7 +322,7 @@ class SeedStudy:
             valid_best=best_acc[valid]["overall"], final={k: v for k, v in final_acc.items() if k != valid},
             best={k: v for k, v in best_acc.items() if k != valid}, best_epoch=summary["best_epoch"],
             splits=self.ctx.splits, blind={loss: self.ctx.blind(self.seed, loss) for loss in losses},
-            seconds=round(time.time() - started, 1))
+            seconds=round(time.time() - started, 1), environment=self.ctx.environment)
 
     def _finish(self, path: Path, row: DebiasRow) -> None:
         if dist.is_main():
@@ -351,7 +367,7 @@ def run_debias(cfg: Config) -> Optional[dict]:
         return None
     rows = [read_object(path, DEBIAS_KEYS, "study-B result") for study in studies for path in study.results]
     result = {"experiment": cfg.experiment, "valid_split": cfg.data.valid, "test_splits": list(ctx.data.tests),
-              "seeds": list(cfg.seeds), "rows": rows}
+              "seeds": list(cfg.seeds), "rows": rows, "environment": ctx.environment}
     with tables_lock(cfg):
         if dist.is_main():
             write_debias(cfg, result)

@@ -179,4 +179,11 @@ def redraw(cfg: Config) -> None:
             missing = [k for k in DEBIAS_KEYS if k not in row]
             if missing:
                 raise InputError(f"{path}: row {i} has no field '{missing[0]}'; rerun the study to rebuild it")
+        splits = [t for t in _report_splits(result) if t != OOD_MEAN]
+        for i, row in enumerate(result["rows"]):
+            absent = [f"{kind} {t}" for kind in ("final", "best") for t in splits
+                      if not isinstance(row[kind], dict) or t not in row[kind]]
+            if absent:
+                raise InputError(f"{path}: row {i} ({row['setting']} {row['stage']}) has no '{absent[0]}' accuracy, "
+                                 "which other rows have; rerun the study to rebuild it")
         write_debias(cfg, result)

@@ -14,7 +14,7 @@ import numpy as np
 from ..core import distributed as dist
 from ..core import paths
 from ..core.config import Config
-from ..core.files import atomic_folder, read_object, write_json
+from ..core.files import read_object, write_json
 from ..core.paths import Run
 from ..core.scheduler import Unit, run_units
 from ..core.settings import DATA_KEYS, TRAIN_KEYS, model_keys, unit_settings
@@ -60,7 +60,7 @@ def dense_unit(ctx: Context, seed: int) -> Unit:
                        best_epoch=summary["best_epoch"], tests={k: v for k, v in tests.items() if k != cfg.data.valid},
                        blind=blind, splits=ctx.splits, seconds=round(time.time() - started, 1),
                        epochs=[{"epoch": r["epoch"], "loss": r["loss"], "valid": r["valid"]["overall"]}
-                               for r in summary["history"]])
+                               for r in summary["history"]], environment=ctx.environment)
         if dist.is_main():
             write_json(folder / paths.RESULT, as_json(row))
         log.info("seed %d: valid %.2f (best epoch %d: %.2f), question-only %.2f", seed, summary["final"]["overall"],
@@ -90,24 +90,11 @@ def write_finetune(ctx: Context) -> dict:
     cfg = ctx.cfg
     seeds = dense_rows(ctx)
     result = {"experiment": cfg.experiment, "valid_split": cfg.data.valid, "seeds": seeds,
-              "mean": _mean_over_seeds(seeds, cfg.data.valid)}
+              "mean": _mean_over_seeds(seeds, cfg.data.valid), "environment": ctx.environment}
     if dist.is_main():
         write_json(ctx.paths.result("finetune.json"), result)
         plot_finetune(result, ctx.paths.result("finetune.png"))
-        if cfg.model.export:
-            export_encoder(ctx, cfg.seeds[0], cfg.model.export)
     return result
-
-
-def export_encoder(ctx: Context, seed: int, folder: str) -> None:
-    """Save the best model's encoder (transformers format) and the tokenizer it was trained with, so
-    another config can start from it with model.pretrained, like from released weights."""
-    model = ctx.new_model(seed)
-    load_weights(model, ctx.paths.run(paths.dense(seed)).best)
-    with atomic_folder(folder, overwrite=True) as tmp:
-        model.encoder.save_pretrained(str(tmp))
-        ctx.data.tokenizer.save_pretrained(str(tmp))
-    log.info("exported the encoder of seed %d to %s", seed, folder)
 
 
 def _mean_over_seeds(seeds: dict, valid: str) -> dict:

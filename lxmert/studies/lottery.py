@@ -31,7 +31,7 @@ from ..core.logs import metrics_log
 from ..core.scheduler import Unit, run_units
 from ..core.settings import DATA_KEYS, TRAIN_KEYS, model_keys, unit_settings
 from ..modeling.vqa import VQAModel
-from ..prune.magnitude import prune
+from ..prune.magnitude import check_level, prune
 from ..prune.masks import full_mask, load_mask_for, measure_weights
 from ..prune.prunable import PrunableTensor, prunable_tensors
 from ..train.checkpoints import load_weights
@@ -74,6 +74,13 @@ class LotteryChain:
         return paths.level(self.name, level)
 
     # -- consistency -----------------------------------------------------------------------------
+    def check(self) -> None:
+        """Before any work: the largest level keeps some weight, and no level is reused from another parent."""
+        lc = self.ctx.cfg.lottery
+        sizes = [self.model.get_parameter(t.name).numel() for t in self.prunable]
+        check_level(sizes, max(lc.levels), lc.scope, "lottery.levels")
+        self.check_parents()
+
     def check_parents(self) -> None:
         """A level already pruned from another parent (levels inserted into an iterative chain) cannot be
         reused: its mask depends on every level before it."""
@@ -103,11 +110,11 @@ class LotteryChain:
             return [Unit(name=self.unit_name(level), folder=self.level_folder(level),
                          work=lambda i=i, level=level: self.level(i, level),
                          finished=lambda level=level: self.finished(level), settings=self.settings(), needs=dense,
-                         check=self.check_parents, cleanup=(self.ctx.paths.predictions(self.unit_name(level)),))
+                         check=self.check, cleanup=(self.ctx.paths.predictions(self.unit_name(level)),))
                     for i, level in enumerate(lc.levels)]
         return [Unit(name=self.name, folder=self.folder, work=self.levels,
                      finished=lambda: all(self.finished(level) for level in lc.levels), settings=self.settings(),
-                     needs=dense, check=self.check_parents,
+                     needs=dense, check=self.check,
                      cleanup=tuple(self.ctx.paths.predictions(self.unit_name(level)) for level in lc.levels))]
 
     def levels(self) -> None:
@@ -148,7 +155,7 @@ class LotteryChain:
                        retrained_by_type=summary["final"],
                        tests={k: v for k, v in tests.items() if k != cfg.data.valid}, splits=self.ctx.splits,
                        seconds=round(time.time() - started, 1), schedule=cfg.lottery.schedule,
-                       scope=cfg.lottery.scope)
+                       scope=cfg.lottery.scope, environment=self.ctx.environment)
         if dist.is_main():
             write_json(folder / paths.SPARSITY, report)
             write_json(folder / paths.RESULT, as_json(row))
@@ -176,6 +183,7 @@ def run_lottery(cfg: Config) -> Optional[dict]:
         rows = [read_object(c.level_folder(level) / paths.RESULT, LEVEL_KEYS, "level result")
                 for c in chains for level in cfg.lottery.levels]
         result = lottery_result(cfg, finetune, rows)
+        result["environment"] = ctx.environment
         if dist.is_main():
             write_lottery(cfg, result)
     return result

@@ -52,6 +52,7 @@ class DenseRow:
     splits: list
     seconds: float
     epochs: list  # per epoch: epoch, training loss, validation accuracy
+    environment: Optional[dict] = None  # what the unit ran on (core.environment.describe)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class LevelRow:
     seconds: float
     schedule: str
     scope: str
+    environment: Optional[dict] = None
 
 
 @dataclass
@@ -105,6 +107,7 @@ class DebiasRow:
     seconds: float
     valid_after_stage2_epochs: Optional[float] = None  # controls: their same-compute point of stage 2
     lottery: Optional[dict] = None  # lottery tickets: how the ticket was made
+    environment: Optional[dict] = None
 
 
 DENSE_KEYS, LEVEL_KEYS, DEBIAS_KEYS = required(DenseRow), required(LevelRow), required(DebiasRow)

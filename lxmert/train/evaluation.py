@@ -69,4 +69,5 @@ def evaluate(model, dataset: VQADataset, batch_size: int, device, precision: str
 
 
 def predictions_json(dataset: VQADataset, preds: np.ndarray, label2ans: list[str]) -> list[dict]:
-    return [{"question_id": int(q), "answer": label2ans[p]} for q, p in zip(dataset.split.question_ids, preds)]
+    """[{"question_id", "answer"}] (the EvalAI format), question ids as the question file gives them."""
+    return [{"question_id": q, "answer": label2ans[p]} for q, p in zip(dataset.split.question_ids, preds)]

@@ -105,7 +105,6 @@ class RunSpec:
     params: Optional[list[nn.Parameter]] = None  # the parameters trained (default: every one that requires grad)
     after_step: Optional[Callable[[int], None]] = None
     capture_step: int = 0  # also save the weights after this many steps (run.rewind)
-    before_save: Optional[Callable[[], None]] = None
 
 
 class _Objective(nn.Module):
@@ -191,9 +190,8 @@ class Trainer:
         return self.spec.run
 
     def _save_checkpoint(self) -> None:
-        """Publish the state as one new folder ckpt-<step>, then drop the older ones."""
-        if self.spec.before_save is not None:
-            self.spec.before_save()
+        """Publish the state as one new folder ckpt-<step>, then drop the older ones. Saving changes nothing
+        the run computes: a run checkpointed every step ends with the same weights as one never checkpointed."""
         if not dist.is_main():
             return
         with atomic_folder(self.run.checkpoint(self.step, self.epoch, self.batch_in_epoch), overwrite=True) as tmp:
@@ -235,8 +233,6 @@ class Trainer:
 
     def _finish(self, summary: dict) -> None:
         """The finished run as one folder (final weights + summary), then no checkpoint is needed."""
-        if self.spec.before_save is not None:
-            self.spec.before_save()
         if dist.is_main():
             with atomic_folder(self.run.final.parent, overwrite=True) as tmp:
                 save_tensors(tmp / self.run.final.name, self.model.state_dict())
