@@ -35,7 +35,7 @@ from bench.common import append
 from lxmert.core.config import EmbeddedConfig, load_config
 from lxmert.embedded import generator as B
 from lxmert.modeling.vqa import build_model
-from lxmert.train.trainer import adamw
+from lxmert.train.optimizers import adamw
 
 DOC = "LEARNABILITY.md"
 RUNS = {"mixed": lambda t: True,

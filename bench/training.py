@@ -35,7 +35,7 @@ from lxmert.modeling.vqa import build_model  # noqa: E402
 from lxmert.prune.learned import LearnedMasks, top_k_mask  # noqa: E402
 from lxmert.prune.masks import MaskEnforcer, apply_mask  # noqa: E402
 from lxmert.prune.prunable import prunable_tensors  # noqa: E402
-from lxmert.train.trainer import adamw, param_groups  # noqa: E402
+from lxmert.train.optimizers import adamw, param_groups  # noqa: E402
 
 CLIP = 5.0
 

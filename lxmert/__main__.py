@@ -35,6 +35,7 @@ COMMANDS = {
     "lottery": "lottery-ticket study: dense fine-tune, then pruning levels x modes x seeds",
     "debias": "compress-and-debias study: stage 1 / 2 / 3 grid",
     "plots": "redraw plots and tables from the JSON results of the config's experiment",
+    "plan": "the config's units, epochs, samples, GPU-hours and disk, without running anything",
     "evaluate": "accuracy of a finished unit (--unit) on the config's splits or the --split ones",
     "predict": "a test-server submission (EvalAI format) of a finished unit (--unit) for --split, to --out",
     "export": "a finished unit (--unit) as a folder transformers loads, with its mask and a model card (--out)",
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="experiment YAML file (run/configs/*.yaml)")
     parser.add_argument("--workers", type=int, help="cooperating worker processes of a study (default: the CPU "
                                                     "cores on a machine without CUDA, else 1; LXMERT_WORKERS)")
+    parser.add_argument("--only", help="a study: take only the units whose names match these glob patterns "
+                                       "(comma-separated, e.g. 'seed_*/dense': one phase of a grid); the tables are "
+                                       "written by the process that finishes the last unit of the study")
     parser.add_argument("--unit", help="evaluate / predict / export: a finished unit, named as its folder under "
                                        "models/<experiment>/, e.g. seed_0/dense or seed_0/bce-lpf/s50/stage3")
     parser.add_argument("--split", action="append", default=[], help="evaluate: a split to score (repeatable; "
@@ -60,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate / predict / export: the best-on-valid weights (default) or the last epoch's")
     parser.add_argument("--out", help="predict: the submission file; export: the folder")
     parser.add_argument("--overwrite", action="store_true", help="export: replace a non-empty --out folder")
+    parser.add_argument("--samples-per-second", type=float, help="plan: training throughput (default: the target "
+                                                                  "of docs/PERFORMANCE.md, 2,500 on one H100)")
+    parser.add_argument("--processes", type=int, default=1, help="plan: units running at once (for the disk peak)")
+    parser.add_argument("--study", choices=("lottery", "debias"), help="plan: the study (default: debias when the "
+                                                                        "config file has a debias section)")
     parser.add_argument("overrides", nargs="*", help="single values, e.g. train.epochs=2 seeds=[0,1]")
     args = parser.parse_intermixed_args(argv)
     if args.command == "keys":
@@ -107,6 +116,26 @@ def _module(name: str):
 UNIT_COMMANDS = ("evaluate", "predict", "export")
 
 
+def _plan(args: argparse.Namespace, cfg) -> str:
+    plan = _module("studies.plan")
+    study = args.study or _study_of(args.config)
+    speed = args.samples_per_second or plan.TARGET_SAMPLES_PER_SECOND
+    source = "given" if args.samples_per_second else "the target of docs/PERFORMANCE.md, not measured on a GPU"
+    if speed <= 0 or args.processes < 1:
+        raise InputError("--samples-per-second and --processes must be positive")
+    return plan.render(plan.plan(cfg, study, args.config or "defaults"), speed, source, args.processes)
+
+
+def _study_of(config: str | None) -> str:
+    """debias for a config file with a debias section (the study-B configs), else lottery."""
+    import yaml
+
+    if config is None:
+        return "lottery"
+    text = yaml.safe_load(open(config, encoding="utf-8")) or {}
+    return "debias" if isinstance(text, dict) and "debias" in text else "lottery"
+
+
 def _check_unit_options(args: argparse.Namespace) -> None:
     """The options of the unit commands, before any work."""
     if args.command in UNIT_COMMANDS and not args.unit:
@@ -123,9 +152,17 @@ def _check_unit_options(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, cfg) -> None:
     if args.workers is not None:
         os.environ["LXMERT_WORKERS"] = str(args.workers)
+    os.environ.pop("LXMERT_ONLY", None)  # the scheduler's channel for --only, set by this command alone
+    if args.only is not None:
+        if args.command not in STUDIES:
+            raise InputError(f"--only is an option of {', '.join(STUDIES)}, not of {args.command}")
+        os.environ["LXMERT_ONLY"] = args.only
     scheduler = _module("core.scheduler")
     scheduler.poll_seconds()  # LXMERT_POLL_SECONDS and LXMERT_WORKERS are checked before any work
     scheduler.configure_workers(args.command in STUDIES)
+    if args.command == "plan":
+        print(_plan(args, cfg), end="")
+        return
     if args.command in UNIT_COMMANDS:
         saved = _module("studies.saved")
         if args.command == "evaluate":

@@ -84,7 +84,8 @@ def _reset_run_logging():
     logs.close()
 
 
-LOTTERY_EXTRA = ["lottery.modes=[low_magnitude,random,high_magnitude]", "lottery.levels=[0.3,0.6]"]
+LOTTERY_EXTRA = ["lottery.modes=[low_magnitude,random,high_magnitude]", "lottery.levels=[0.3,0.6]",
+                 "checkpoints.keep=all"]
 
 
 @pytest.fixture(scope="session")

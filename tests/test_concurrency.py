@@ -22,7 +22,7 @@ def test_three_processes_share_a_study_and_match_one(lottery_run, embedded_root,
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
     trained = [out.count(" | epoch 1/1 ") for out, _ in outputs]
-    assert sum(trained) == 1 + 3 * 2, f"every run trained exactly once in all: {trained}"
+    assert sum(trained) == 2 + 3 * 2, f"every run (dense, question-only, levels) trained once in all: {trained}"
     assert sum(t > 0 for t in trained) >= 2, f"the work was shared: {trained}"
 
     result = json.loads((tmp_path / "result" / "tiny" / "lottery.json").read_text())
@@ -55,7 +55,7 @@ def test_workers_of_one_command_share_the_study(lottery_run, embedded_root, tmp_
                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "[worker 1] " in proc.stdout, "the forked worker took units"
-    assert proc.stdout.count(" | epoch 1/1 ") == 1 + 3 * 2
+    assert proc.stdout.count(" | epoch 1/1 ") == 2 + 3 * 2  # dense, question-only, 3 modes x 2 levels
     result = json.loads((tmp_path / "result" / "tiny" / "lottery.json").read_text())
     assert comparable(result["rows"]) == comparable(json.loads(json.dumps(ref_result["rows"])))
 
@@ -70,3 +70,20 @@ def test_check_validates_without_work(embedded_root, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {config} + overrides: key 'train.epochs' must be int, got 'abc'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+def test_a_two_phase_grid_runs_the_dense_units_first(lottery_run, embedded_root, tmp_path, monkeypatch, capsys):
+    """Phase 1 (--only 'seed_*/dense') takes the dense units and nothing else, and writes no table; phase 2 takes
+    the rest and writes the tables, the same as one process."""
+    from lxmert.__main__ import main
+
+    _, _, reference = lottery_run
+    config = tiny_yaml(tmp_path / "tiny.yaml", embedded_root, extra=LOTTERY_EXTRA)
+    monkeypatch.chdir(tmp_path)
+    assert main(["lottery", "--config", str(config), "--only", "seed_*/dense"]) == 0
+    seed = tmp_path / "models/tiny/seed_0"
+    assert (seed / "dense/result.json").exists() and not (seed / "iterative_global").exists()
+    assert not (tmp_path / "result/tiny/lottery.json").exists()
+    assert main(["lottery", "--config", str(config)]) == 0
+    rows = json.loads((tmp_path / "result/tiny/lottery.json").read_text())["rows"]
+    assert comparable(rows) == comparable(reference["rows"])

@@ -30,7 +30,7 @@ def _config(root: Path, experiment: str, extra: list[str] = ()):
 def study(embedded_root, tmp_path_factory):
     """One finished lxmert study in its own working folder: (folder, config, result)."""
     folder = tmp_path_factory.mktemp("debias")
-    cfg = _config(embedded_root, "cp_tiny")
+    cfg = _config(embedded_root, "cp_tiny", ["checkpoints.keep=all"])
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         result = run_debias(cfg)
@@ -187,3 +187,31 @@ def test_checkpoints_change_no_mask_and_no_row(embedded_root, tmp_path, monkeypa
     (rows0, mask0), (rows2, mask2) = outputs[0], outputs[2]
     assert rows0 == rows2
     assert mask0.keys() == mask2.keys() and all(torch.equal(mask0[k], mask2[k]) for k in mask0)
+
+
+def test_minimal_keep_drops_weights_and_changes_no_row(study, embedded_root, tmp_path, monkeypatch):
+    """checkpoints.keep minimal (the default): the same rows as keeping everything; stage 2 keeps its masks and
+    answer heads, from which its weights are rebuilt bit for bit; stage 3, control and lottery weights go; the
+    stage-1 weights (the start of stage 2 and the controls) stay."""
+    from lxmert.studies.debias import stage2_weights
+
+    folder, _, reference = study
+    monkeypatch.chdir(tmp_path)
+    result = run_debias(_config(embedded_root, "cp_tiny"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "environment")} for r in rows]  # noqa
+    assert strip(result["rows"]) == strip(reference["rows"])
+    seed = _seed_dir(tmp_path, "cp_tiny")
+    kept = {str(p.relative_to(seed)) for p in seed.rglob("*.safetensors")}
+    assert "stage1_bce/run/final/model.safetensors" in kept and "stage1_bce/run/best/model.safetensors" in kept
+    for tag in TARGETS:
+        stage2 = seed / "bce-lpf" / tag / "stage2"
+        assert {f"bce-lpf/{tag}/stage2/{f}" for f in ("mask.safetensors", "best_mask.safetensors",
+                                                       "heads.safetensors")} <= kept
+        assert not [k for k in kept if k.startswith((f"bce-lpf/{tag}/stage3/", f"bce-lpf/{tag}/stage2/run/"))]
+        assert not (stage2 / "pruned.safetensors").exists() and not (stage2 / "best_pruned.safetensors").exists()
+        for which, name in (("final", "pruned.safetensors"), ("best", "best_pruned.safetensors")):
+            rebuilt = stage2_weights(seed / "stage1_bce/run/final/model.safetensors", stage2, which)
+            saved = load_tensors(_seed_dir(folder, "cp_tiny") / "bce-lpf" / tag / "stage2" / name)
+            assert rebuilt.keys() == saved.keys() and all(torch.equal(rebuilt[k], saved[k]) for k in saved)
+    assert not [k for k in kept if k.startswith(("control_", "lottery/")) and "mask" not in k]
+

@@ -46,3 +46,28 @@ def test_two_ranks_match_one_process(lottery_run, embedded_root, tmp_path):
     mask, ref_mask = load_mask(models / level)[0], load_mask(ref_models / level)[0]
     assert all(torch.equal(mask[k], ref_mask[k]) for k in ref_mask)
     assert not [p for p in tmp_path.rglob("*") if ".lxmert-" in p.name]
+
+
+def test_a_checkpoint_resumes_with_another_number_of_ranks(embedded_root, tmp_path):
+    """A run killed after its first epoch's checkpoint (written with every rank's RNG state) resumes with
+    another number of ranks and ends: two ranks -> one process, and one process -> two ranks (a rank the
+    checkpoint did not have starts from a state seeded from the seed, the run and its rank)."""
+    from lxmert.core.files import load_state
+
+    config = tiny_yaml(tmp_path / "tiny.yaml", embedded_root, epochs=2, extra=["train.batch_size=80"])
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lxmert", "finetune", "--config", str(config)]
+    one = [sys.executable, "-m", "lxmert", "finetune", "--config", str(config)]
+    for first, then, ranks in ((two, one, 2), (one, two, 1)):
+        work = tmp_path / f"from_{ranks}"
+        work.mkdir()
+        killed = subprocess.run(first, cwd=work, env={**cli_env(), "LXMERT_FAULT_ON": "dense/run/final"},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode != 0
+        [ckpt] = (work / "models/tiny/seed_0/dense/run").glob("ckpt-*")
+        assert len(load_state(ckpt / "trainer.pt")["rngs"]) == ranks
+        done = subprocess.run(then, cwd=work, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "resumed from" in done.stdout and "at epoch 2, step 5" in done.stdout
+        summary = json.loads((work / "models/tiny/seed_0/dense/run/final/summary.json").read_text())
+        assert [r["epoch"] for r in summary["history"]] == [1, 2] and summary["steps"] == 10

@@ -273,34 +273,71 @@ def test_grid_keys_extend_the_study(lottery_run, tmp_path, monkeypatch):
 
 
 def test_original_protocol_preset_on_the_tiny_study(embedded_root, tmp_path, monkeypatch):
-    """run/configs/vqa_v2_original.yaml's lottery keys: one-shot from the best checkpoint, rounds of 10 % of
-    each tensor's survivors (overshooting the level), the original's prunable set with the QA head."""
+    """run/configs/vqa_v2_original.yaml's lottery and training keys on the tiny study: one-shot from the best
+    checkpoint, rounds of 10 % of each tensor's survivors (overshooting the level), the original's prunable set
+    with biases, LayerNorms and the QA head, masks that regrow while retraining, the original's "high
+    magnitude", one dense model for every seed, BertAdam."""
     from conftest import REPO, tiny_config
 
     from lxmert.core.config import load_config
 
-    original = load_config(REPO / "run/configs/vqa_v2_original.yaml").lottery
-    patterns = "[" + ",".join(original.prunable) + "]"
+    original = load_config(REPO / "run/configs/vqa_v2_original.yaml")
+    lc = original.lottery
+    patterns = "[" + ",".join(lc.prunable) + "]"
     cfg = tiny_config(embedded_root, experiment="original", epochs=2, extra=[
-        "lottery.modes=[low_magnitude,high_magnitude]", "lottery.levels=[0.2,0.5]",
-        f"lottery.schedule={original.schedule}", f"lottery.scope={original.scope}",
-        f"lottery.prune_from={original.prune_from}", f"lottery.prunable={patterns}"])
+        "seeds=[0,1]", "lottery.modes=[low_magnitude,original_high]", "lottery.levels=[0.2,0.5]",
+        f"lottery.schedule={lc.schedule}", f"lottery.scope={lc.scope}", f"lottery.prune_from={lc.prune_from}",
+        f"lottery.prunable={patterns}", f"lottery.enforce_masks={lc.enforce_masks}",
+        f"lottery.prune_all_parameters={lc.prune_all_parameters}", f"lottery.original_high_level={lc.original_high_level}",
+        f"train.optimizer={original.train.optimizer}", f"train.dense_seed={original.train.dense_seed}",
+        "checkpoints.keep=all"])
     monkeypatch.chdir(tmp_path)
     result = lottery.run_lottery(cfg)
-    rows = {(r["mode"], r["target_sparsity"]): r for r in result["rows"]}
-    assert abs(rows[("low_magnitude", 0.2)]["measured_sparsity"] - 0.271) < 0.005, "three rounds of 10 %"
-    assert abs(rows[("low_magnitude", 0.5)]["measured_sparsity"] - 0.522) < 0.005, "seven rounds of 10 %"
+    rows = {(r["mode"], r["seed"], r["target_sparsity"]): r for r in result["rows"]}
     assert all(r["parent"] is None for r in result["rows"]), "every level from the dense model"
-    mask, modalities = load_mask(tmp_path / "models/original/seed_0/oneshot_survivors/low_magnitude/level_20/"
-                                 "mask.safetensors")
-    assert "encoder.encoder.visn_fc.visn_fc.weight" in mask and "encoder.encoder.visn_fc.box_fc.weight" not in mask
-    assert {"head.0.weight", "head.3.weight"} <= set(mask) and "head" in modalities.values()
+    seeds = result["dense"]["per_seed"]
+    assert seeds["0"] == seeds["1"], "the fine-tune ignores its seed: one dense model"
+    level = tmp_path / "models/original/seed_0/oneshot_survivors"
+    mask, modalities = load_mask(level / "low_magnitude/level_20/mask.safetensors")
+    pruned = sum(int((~m).sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    assert abs(pruned - 0.271) < 0.005, "three rounds of 10 %"
+    assert rows[("low_magnitude", 0, 0.2)]["measured_sparsity"] < pruned / 2, "the optimizer regrew pruned weights"
+    assert "encoder.encoder.visn_fc.visn_fc.weight" in mask and "encoder.encoder.visn_fc.visn_fc.bias" not in mask
+    assert "encoder.encoder.visn_fc.box_fc.weight" not in mask and "head.3.bias" not in mask
+    assert {"head.0.weight", "head.2.weight", "head.3.weight"} <= set(mask) and "head" in modalities.values()
+    assert any("LayerNorm" in k for k in mask) and any(k.endswith(".bias") for k in mask)
+    high, _ = load_mask(level / "original_high/level_20/mask.safetensors")
+    low_80 = prune("low_magnitude", *_model_and_prunable(cfg, tmp_path, lc), 0.8, "survivors")
+    assert all(int((~high[k]).sum()) == int(low_80[k].sum()) for k in high), "mirrored: as many as level 80 keeps"
+
+
+def _model_and_prunable(cfg, tmp_path, lc):
+    """The dense model of seed 0 at its best checkpoint, its prunable set and a full mask (what a level prunes)."""
     from lxmert.data.datasets import load_data
 
     data = load_data(cfg, log=lambda _: None)
     model = build_model(cfg.model, len(data.tokenizer), 16, data.num_answers)
     model.load_state_dict(load_tensors(tmp_path / "models/original/seed_0/dense/run/best/model.safetensors"))
-    prunable = prunable_tensors(model, original.prunable)
-    expected = prune("low_magnitude", model, prunable, full_mask(model, prunable), 0.2, "survivors")
-    assert all(torch.equal(mask[k], expected[k]) for k in expected), "pruned from the best checkpoint"
+    prunable = prunable_tensors(model, lc.prunable, lc.prune_all_parameters)
+    return model, prunable, full_mask(model, prunable)
     logs.close()
+
+
+def test_minimal_keep_drops_level_weights_and_changes_no_row(lottery_run, embedded_root, tmp_path, monkeypatch):
+    """checkpoints.keep minimal (the default) gives the rows of keeping everything; a level keeps its mask,
+    result and predictions; of the levels' weights only the last level's final ones stay (an iterative chain
+    extended later prunes from them); the seed's initial and dense weights stay."""
+    from conftest import LOTTERY_EXTRA, comparable, tiny_config
+
+    _, _, reference = lottery_run
+    monkeypatch.chdir(tmp_path)
+    minimal = [x for x in LOTTERY_EXTRA if not x.startswith("checkpoints.")]
+    result = lottery.run_lottery(tiny_config(embedded_root, extra=minimal))
+    logs.close()
+    assert comparable(result["rows"]) == comparable(reference["rows"])
+    seed = tmp_path / "models" / "tiny" / "seed_0"
+    kept = sorted(str(p.relative_to(seed)) for p in seed.rglob("*.safetensors"))
+    chains = [f"iterative_global/{mode}" for mode in ("high_magnitude", "low_magnitude", "random")]
+    assert kept == sorted(["dense/run/best/model.safetensors", "dense/run/final/model.safetensors",
+                           "init.safetensors"] + [f"{c}/level_{p}/mask.safetensors" for c in chains for p in (30, 60)]
+                          + [f"{c}/level_60/run/final/model.safetensors" for c in chains])

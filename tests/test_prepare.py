@@ -486,3 +486,21 @@ def test_download_bash_and_prepare_vqavs_give_all_twelve_splits(tmp_path):
     failed = subprocess.run(["bash", str(data / "download.bash"), "vqa_vs"], env=env, capture_output=True, text=True)
     assert failed.returncode == 1
     assert "OOD-Test.zip is missing or not a zip archive" in failed.stderr and "drive.google.com" in failed.stderr
+
+
+def test_carve_holds_out_whole_images_of_a_question_file(tmp_path):
+    """prepare carve: a held-out test split by image (vqa_v2.yaml reports on nominival_heldout), deterministic,
+    disjoint, nothing lost; existing outputs are kept unless --overwrite."""
+    questions = [{"img_id": f"COCO_val2014_{i // 2:012d}", "question_id": i, "sent": "what?", "label": {"no": 1}}
+                 for i in range(20)]
+    (tmp_path / "nominival.json").write_text(json.dumps(questions))
+    args = ["carve", str(tmp_path / "nominival.json"), "--fraction", "0.2", "--names", "rest", "heldout",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    rest, held = (json.loads((tmp_path / "out" / f"{n}.json").read_text()) for n in ("rest", "heldout"))
+    assert len({q["img_id"] for q in held}) == 2 and len(held) == 4 and len(rest) == 16
+    assert not {q["img_id"] for q in held} & {q["img_id"] for q in rest}
+    assert sorted(q["question_id"] for q in rest + held) == list(range(20))
+    assert main(args) == 2
+    assert main(args + ["--overwrite"]) == 0
+    assert json.loads((tmp_path / "out" / "heldout.json").read_text()) == held

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_yaml
+from conftest import LOTTERY_EXTRA, tiny_yaml
 
 LEVEL = "seed_0/iterative_global/low_magnitude/level_30"
 
@@ -30,8 +30,7 @@ def study(lottery_run, embedded_root, tmp_path, monkeypatch):
     work = tmp_path / "work"
     shutil.copytree(workdir, work)
     monkeypatch.chdir(work)
-    config = tiny_yaml(tmp_path / "tiny.yaml", embedded_root,
-                       extra=["lottery.modes=[low_magnitude,random,high_magnitude]", "lottery.levels=[0.3,0.6]"])
+    config = tiny_yaml(tmp_path / "tiny.yaml", embedded_root, extra=LOTTERY_EXTRA)
     return work, config, result
 
 

@@ -17,7 +17,8 @@ from lxmert.prune.masks import full_mask
 from lxmert.prune.prunable import prunable_tensors
 from lxmert.studies.context import Context
 from lxmert.train.checkpoints import check_compatible, check_masked, load_weights, run_summary
-from lxmert.train.trainer import RunSpec, Schedule, Trainer, adamw
+from lxmert.train.optimizers import adamw
+from lxmert.train.trainer import RunSpec, Schedule, Trainer
 
 STEPS_PER_EPOCH = 10  # 400 training questions, batch 40
 
@@ -272,3 +273,35 @@ def test_adamw_is_fused_on_cpu_and_follows_the_same_rule():
     for w, t, b in zip(weights, twins, before):
         assert (w - b).abs().min() > 1e-3  # every weight moved
         torch.testing.assert_close(w, t, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_is_read_on_the_host_every_log_every_steps(ctx, tmp_path, monkeypatch):
+    """No host sync per step: the losses stay on the device and are read every train.log_every optimizer steps
+    and at the epoch's end (10 steps, log_every 4: 3 reads of floating-point tensors instead of 10), with the
+    same running loss."""
+    reads, counting = [], {"on": False}
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if counting["on"] and self.is_floating_point():  # the DataLoader reads an integer seed on the host
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    epoch = Trainer._epoch
+
+    def counting_epoch(self):
+        counting["on"] = True
+        try:
+            return epoch(self)
+        finally:
+            counting["on"] = False
+    monkeypatch.setattr(Trainer, "_epoch", counting_epoch)
+    cfg = tiny_config(ctx.cfg.data.root, extra=["train.log_every=4"])
+    model = ctx.new_model(0)
+    summary = Trainer(model, ctx.data.train, ctx.data.valid, _spec(ctx, tmp_path / "run", model, 1, cfg=cfg)).fit()
+    assert reads == ["tolist"] * 3, reads
+    reference = tiny_config(ctx.cfg.data.root, extra=["train.log_every=1"])
+    again = ctx.new_model(0)
+    other = Trainer(again, ctx.data.train, ctx.data.valid, _spec(ctx, tmp_path / "every", again, 1, cfg=reference)).fit()
+    assert summary["history"][0]["loss"] == other["history"][0]["loss"]

@@ -80,6 +80,7 @@ NAME_RULE = "letters, digits, '_', '-', '.' not starting with '.' (not a path)"
 # VQA v2's test, VQA-CP's cp_test, VQA-VS's test_iid and ood_* sets.
 TEST_SPLIT = re.compile(r"test|^ood_")
 MAX_SEED = 2**31 - 1
+PRUNING_MODES = ("low_magnitude", "random", "high_magnitude", "original_high")
 
 
 def level_name(level: float) -> str:
@@ -154,8 +155,17 @@ class DataConfig:
     ans2label: str = _f("trainval_ans2label.json", "answer vocabulary file in root")
     max_seq_length: int = _f(20, "question tokens, [CLS] and [SEP] included", lambda v: 3 <= v <= 512,
                              "in [3, 512] ([CLS], one word, [SEP]; BERT's 512 positions)")
-    num_workers: int = _f(0, "DataLoader worker processes (they share the memory-mapped store)",
-                          _non_negative, ">= 0")
+    special_tokens: bool = _f(True, "add [CLS] and [SEP] to each question (Si et al.'s loader does not: "
+                              "dataset_LXM.py lines 189-226 tokenizes with _tokenize, so the pooler reads the first "
+                              "word)")
+    mask_padding: bool = _f(True, "give the model an attention mask over the padding (Si et al.'s trainer passes "
+                            "none: mask_trainer_VQA.py line 789; every [PAD] of the max_seq_length tokens is "
+                            "attended)")
+    num_workers: int = _f(0, "DataLoader worker processes for training and evaluation (they share the "
+                          "memory-mapped store; on a GPU machine a few per GPU keep it fed)",
+                          lambda v: 0 <= v <= 256, "in [0, 256]")
+    prefetch_factor: int = _f(4, "batches each DataLoader worker builds ahead (with num_workers > 0)",
+                              _upto(64), "in [1, 64]")
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig,
                                      metadata={"help": "synthetic benchmark parameters"})
 
@@ -175,7 +185,12 @@ class ModelConfig:
     x_layers: int = _f(2, "cross-modality layers (base: 5)", _upto(128), "in [1, 128]")
     r_layers: int = _f(2, "vision (relation) layers (base: 5)", _upto(128), "in [1, 128]")
     num_hidden_layers: int = _f(4, "VisualBERT layers (base: 12)", _upto(128), "in [1, 128]")
-    dropout: float = _f(0.1, "dropout of the encoder (the answer head has no dropout)", _fraction, "in [0, 1)")
+    dropout: float = _f(0.1, "dropout of the encoder (LXMERT's answer head has none; Si et al.'s has 0.5)", _fraction,
+                        "in [0, 1)")
+    head: str = _f("lxmert", "the answer head: 'lxmert' (LXMERT's: Linear, GeLU, LayerNorm, Linear; loaded from a "
+                   "converted release's QA head) or 'simple' (Si et al.'s SimpleClassifier: weight-normed Linear, "
+                   "ReLU, dropout 0.5, weight-normed Linear; always fresh)", lambda v: v in ("lxmert", "simple"),
+                   "one of lxmert, simple")
     answer_prior: Optional[float] = _f(None, "initial probability p of every answer under the sigmoid answer head: "
                                        "the head's output biases are shifted by log(p / (1 - p)) when the model is "
                                        "built (the prior initialisation of Lin et al. 2017, RetinaNet); the order "
@@ -189,8 +204,17 @@ class TrainConfig:
     epochs: int = _f(4, "training epochs", _upto(10000), "in [1, 10,000]")
     batch_size: int = _f(32, "global batch size (split over ranks under torchrun)", _upto(10**6), "in [1, 1e6]")
     grad_accum: int = _f(1, "gradient accumulation steps per optimizer step", _upto(10000), "in [1, 10,000]")
-    lr: float = _f(5e-5, "peak learning rate of AdamW", _positive, "> 0")
-    weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and LayerNorms)", _non_negative, ">= 0")
+    lr: float = _f(5e-5, "peak learning rate", _positive, "> 0")
+    weight_decay: float = _f(0.01, "weight decay (AdamW: matrices only, not biases and LayerNorms; BertAdam: every "
+                             "parameter)", _non_negative, ">= 0")
+    optimizer: str = _f("adamw", "'adamw' (torch's, bias-corrected, eps 1e-8, decay on matrices) or 'bertadam' (the "
+                        "original LXMERT code's BertAdam: no bias correction, eps 1e-6, decay on every parameter; "
+                        "airsplay/lxmert src/lxrt/optimization.py)", lambda v: v in ("adamw", "bertadam"),
+                        "one of adamw, bertadam")
+    dense_seed: Optional[int] = _f(None, "a seed the dense fine-tune of every seed uses instead of its own (null: "
+                                   "its own); Hashemi et al.'s fine-tunes all ran with param.py's default 9595 "
+                                   "(run/vqa_run.bash passes no --seed), so their three seeds share one dense model",
+                                   lambda v: v is None or 0 <= v <= MAX_SEED, f"null or in [0, {MAX_SEED}]")
     warmup: float = _f(0.1, "fraction of steps with linear warmup, then linear decay", _fraction, "in [0, 1)")
     clip: float = _f(5.0, "gradient-norm clip; 0 disables", _non_negative, ">= 0")
     loss: str = _f("bce", "loss: bce, lmh or lpf", lambda v: v in ("bce", "lmh", "lpf"), "one of bce, lmh, lpf")
@@ -200,13 +224,17 @@ class TrainConfig:
     eval_batch_size: int = _f(256, "batch size of evaluation", _upto(10**6), "in [1, 1e6]")
     save_every_steps: int = _f(0, "also checkpoint every N optimizer steps (0: only at epoch ends)",
                                _non_negative, ">= 0")
+    log_every: int = _f(50, "optimizer steps between reads of the loss on the host: the running loss is kept "
+                        "on the device, and a NaN or infinite loss is found (and named by its step) at the next "
+                        "read, before any checkpoint", _upto(10**6), "in [1, 1e6]")
 
 
 @dataclass
 class LotteryConfig:
-    modes: list = _f(["low_magnitude", "random", "high_magnitude"], "pruning modes to run",
-                     lambda v: len(v) > 0 and all(m in ("low_magnitude", "random", "high_magnitude") for m in v),
-                     "a non-empty list of low_magnitude, random, high_magnitude")
+    modes: list = _f(["low_magnitude", "random", "high_magnitude"], "pruning modes to run (original_high: what "
+                     "the original code calls high magnitude, prune/magnitude.py)",
+                     lambda v: len(v) > 0 and all(m in PRUNING_MODES for m in v),
+                     f"a non-empty list of {', '.join(PRUNING_MODES)}")
     levels: list = _f([0.2, 0.4, 0.6, 0.8], "target sparsities (fractions of the prunable weights)",
                       lambda v: len(v) > 0 and _all_fractions(v) and all(a < b for a, b in zip(v, v[1:]))
                       and len({level_name(x) for x in v}) == len(v),
@@ -223,6 +251,17 @@ class LotteryConfig:
     prune_from: str = _f("final", "weights a level is pruned from: 'final' (last epoch) or 'best' (best epoch on "
                          "the validation split, as the original code)", lambda v: v in ("final", "best"),
                          "one of final, best")
+    enforce_masks: bool = _f(True, "keep pruned weights at zero while retraining (false: the mask is applied once "
+                             "at the rewind point and the optimizer regrows them, as the original code: vqa.py "
+                             "lines 242-248 apply it, train() never again)")
+    prune_all_parameters: bool = _f(False, "the prunable set holds every parameter matching lottery.prunable "
+                                    "(biases, LayerNorm weights and biases too, as the original's state-dict index "
+                                    "rule, lottery_ticket_hypothesis.py line 56), not only Linear weights")
+    original_high_level: str = _f("named", "original_high: 'named' prunes level s from the low-magnitude mask at s "
+                                  "(the original code as committed); 'mirrored' from the mask at 1 - s, which is "
+                                  "what its published figures ran (result/lxmert_experiment.json: High_Magnitude-10 "
+                                  "ran the 22 rounds of level 90)", lambda v: v in ("named", "mirrored"),
+                                  "one of named, mirrored")
     prunable: list = _f(list(PRUNABLE_DEFAULT), "the prunable set: glob patterns over the names of the model's "
                         "Linear and Embedding weights (modeling.prunable_tensors); biases and LayerNorms never match",
                         lambda v: _names(v, allow_empty=False), "a non-empty list of name patterns")
@@ -263,6 +302,10 @@ class DebiasConfig:
                                 "in [0, 1e6]")
     stage2_warmup: float = _f(0.0, "warmup fraction of mask training (then linear decay)", _fraction, "in [0, 1)")
     reset_every: int = _f(100, "steps between the per-tensor top-k resets of the scores", _upto(10**9), "in [1, 1e9]")
+    stage_start: str = _f("final", "what stage 2 (and a control) starts from: the stage-1 run's 'final' weights, or "
+                          "its 'best' on the validation split (stage 3 then from stage 2's best mask and head); Si et "
+                          "al. start from the best on the test split, which is never offered",
+                          lambda v: v in ("final", "best"), "one of final, best")
     stage3: bool = _f(True, "also fine-tune each pruned model with its mask fixed")
     stage3_epochs: int = _f(20, "epochs of stage 3", _upto(10000), "in [1, 10,000]")
     stage3_lr: float = _f(5e-5, "learning rate of stage 3 (0: train.lr)", _non_negative, ">= 0")
@@ -294,11 +337,15 @@ class DebiasConfig:
 
 @dataclass
 class BlindConfig:
-    """The question-only baseline (modeling.blind): a bag-of-words MLP on the question, trained with Adam."""
+    """The question-only baselines: a bag-of-words MLP on the question (modeling.blind), trained with Adam, and
+    the study's model fine-tuned without the image (`lxmert`)."""
 
     epochs: int = _f(8, "epochs of the question-only baseline", _upto(10000), "in [1, 10,000]")
     lr: float = _f(2e-3, "learning rate (Adam, constant)", _positive, "> 0")
     batch_size: int = _f(256, "batch size", _upto(10**6), "in [1, 1e6]")
+    lxmert: bool = _f(True, "also fine-tune the study's own model with the image removed (every region feature and "
+                      "box zero), same loss and schedule as the dense fine-tune, for each loss a study reports: the "
+                      "question-only LXMERT row beside the bag-of-words one")
 
 
 @dataclass
@@ -326,6 +373,18 @@ class PretrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """What a finished unit keeps on disk (it changes no result, so it is in no settings record)."""
+
+    keep: str = _f("minimal", "'minimal': a finished unit keeps its result, predictions, mask (bit-packed) and the "
+                   "weights later units start from or rewind to (seed init, dense and stage-1 best and final, the "
+                   "last level of an iterative chain, stage 2's masks and answer heads, from which its weights are "
+                   "rebuilt exactly); the weights of levels, stage 3, controls and lottery tickets are dropped "
+                   "(docs/RUNNING.md says how to get them back). 'all': every weight file stays",
+                   lambda v: v in ("minimal", "all"), "one of minimal, all")
+
+
+@dataclass
 class Config:
     experiment: str = _f("embedded", "name; outputs go to models/<name>, logs/<name>.log, result/<name>", _name,
                          f"a name of {NAME_RULE}")
@@ -341,6 +400,8 @@ class Config:
                      "data, data.dataset=prepared, then refuses to start), 'cuda' (refused without a GPU) or 'cpu' "
                      "(also on a GPU machine)", lambda v: v in ("auto", "cuda", "cpu"), "one of auto, cuda, cpu")
     blind: BlindConfig = field(default_factory=BlindConfig, metadata={"help": "question-only baseline"})
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig,
+                                          metadata={"help": "what finished units keep on disk"})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig,
                                      metadata={"help": "stand-in pretraining of the embedded benchmark"})
 
@@ -543,6 +604,9 @@ def _cross_checks(config: Config, source: str) -> None:
     if config.model.family == "visualbert" and config.debias.modality_sparsities:
         raise ConfigError(f"{source}: key 'debias.modality_sparsities': VisualBERT is a single-stream model; Si et "
                           "al. prune it with one sparsity for every module (debias.sparsities)")
+    if "original_high" in config.lottery.modes and config.lottery.schedule != "oneshot":
+        raise ConfigError(f"{source}: key 'lottery.modes': original_high prunes each level from the dense model, as "
+                          "the original study (lottery.schedule: oneshot)")
     if not config.debias.sparsities and not config.debias.modality_sparsities:
         raise ConfigError(f"{source}: keys 'debias.sparsities' and 'debias.modality_sparsities' are both empty: "
                           "stages 2 and 3 would be skipped")

@@ -46,21 +46,23 @@ def _temporary_prefix(name: str) -> str:
 # file-system change: every rename that publishes a file or folder, and every removal. A kill anywhere
 # else leaves the disk as one of these points does, so walking N over all of them tests every crash.
 # LXMERT_FAULT_TRACE=FILE appends one line per point ("<n> <kind> <path>") to count and name them.
+# LXMERT_FAULT_ON=TEXT dies just before the first change whose path contains TEXT (e.g. "/final": after the
+# last checkpoint of a run, before the run is published).
 _FAULTS = {"count": 0}
 
 
 def fault_point(kind: str, path: str | Path) -> None:
-    """Count one file-system change; die here when LXMERT_FAULT_AT says so. Changes inside a temporary
-    folder are not counted: nothing reads them until the folder itself is published."""
-    at, trace = os.environ.get("LXMERT_FAULT_AT"), os.environ.get("LXMERT_FAULT_TRACE")
-    if not at and not trace or _is_temporary(Path(path).parent.name):
+    """Count one file-system change; die here when LXMERT_FAULT_AT or LXMERT_FAULT_ON says so. Changes inside
+    a temporary folder are not counted: nothing reads them until the folder itself is published."""
+    at, on, trace = (os.environ.get(k) for k in ("LXMERT_FAULT_AT", "LXMERT_FAULT_ON", "LXMERT_FAULT_TRACE"))
+    if not (at or on or trace) or _is_temporary(Path(path).parent.name):
         return
     _FAULTS["count"] += 1
     n = _FAULTS["count"]
     if trace:
         with open(trace, "a") as fh:
             fh.write(f"{n} {kind} {path}\n")
-    if at and n == int(at):
+    if at and n == int(at) or on and on in str(path):
         os._exit(137)
 
 
@@ -157,6 +159,14 @@ def remove_tree(path: str | Path) -> None:
     fault_point("remove", path)
     os.replace(path, trash / path.name)
     shutil.rmtree(trash)
+
+
+def remove_file(path: str | Path) -> None:
+    """Remove one file (one atomic step: a reader sees it whole or not at all); nothing when it is gone."""
+    path = Path(path)
+    if path.exists():
+        fault_point("remove", path)
+        path.unlink()
 
 
 def file_sha256(path: str | Path) -> str:

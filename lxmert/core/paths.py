@@ -11,6 +11,7 @@ result/<experiment>/                      tables, plots, result JSON
 
 Unit names are paths relative to models/<experiment>/ and name the unit's predictions folder too:
   seed_<s>/dense                                        study A's dense fine-tune
+  seed_<s>/question_only_<loss>                         the same model fine-tuned with the image removed
   seed_<s>/<schedule>_<scope>/<mode>[/level_<pct>]      study A's pruning chain (iterative) or level (one-shot)
   seed_<s>/stage1_<loss>                                study B, stage 1
   seed_<s>/<s1>-<s2>/<sparsity>                         study B, stages 2 and 3 (stage2/, stage3/)
@@ -38,6 +39,10 @@ LOCK = ".lock"
 # Files of a study-B stage-2 folder: the final and the best-on-valid weights with the learned mask baked in.
 PRUNED = "pruned.safetensors"
 BEST_PRUNED = "best_pruned.safetensors"
+# ... and what they are rebuilt from once dropped (checkpoints.keep minimal): the stage-1 final weights times
+# the mask, with the answer head stage 2 trained (final.head.* and best.head.*).
+BEST_MASK = "best_mask.safetensors"
+HEADS = "heads.safetensors"
 CHECKPOINT_PREFIX = "ckpt-"
 
 
@@ -133,6 +138,11 @@ def chain(seed: int, schedule: str, scope: str, mode: str) -> str:
 
 def level(chain_name: str, level_value: float) -> str:
     return f"{chain_name}/{level_name(level_value)}"
+
+
+def question_only(seed: int, loss: str) -> str:
+    """The VQA model fine-tuned with the image removed (the question-only LXMERT baseline)."""
+    return f"{seed_name(seed)}/question_only_{loss}"
 
 
 def stage1(seed: int, loss: str) -> str:

@@ -20,6 +20,7 @@ grid. Under torchrun, rank 0 takes the locks and chooses; every rank runs the ch
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import signal
@@ -44,6 +45,13 @@ log = logging.getLogger("lxmert")
 
 
 
+def only_units() -> Optional[list[str]]:
+    """LXMERT_ONLY (python -m lxmert --only): glob patterns of the units this process may take (a phase of a
+    grid: the dense units first, then the rest); None: every unit."""
+    value = os.environ.get("LXMERT_ONLY", "").strip()
+    return [p.strip() for p in value.split(",") if p.strip()] or None if value else None
+
+
 def poll_seconds() -> float:
     """How often a waiting process looks again: LXMERT_POLL_SECONDS, 1 s by default."""
     value = os.environ.get("LXMERT_POLL_SECONDS", "1.0")
@@ -66,6 +74,7 @@ class Unit:
     needs: tuple[str, ...] = ()                 # names of units that must be finished first
     check: Optional[Callable[[], None]] = None  # extra consistency check before any work (e.g. level chains)
     cleanup: tuple[Path, ...] = field(default=())  # other folders only this unit writes (predictions)
+    release: Optional[Callable[[], None]] = None  # drop what a finished unit no longer needs (idempotent)
 
 
 def check_settings(unit: Unit, experiment: str) -> None:
@@ -131,12 +140,13 @@ def _choose(units: list[Unit], done: set[str], experiment: str) -> tuple[str, Op
     every unit is finished, 'wait' when a unit left needs units still running (it can be taken later),
     and 'end' when every unit left is held by another process (that process writes the tables)."""
     pending = []
+    mine = only_units()
     for u in units:
         if u.name in done:
             continue
         if u.finished():
             done.add(u.name)
-        else:
+        elif mine is None or any(fnmatch.fnmatchcase(u.name, p) for p in mine):
             pending.append(u)
     must_wait = False
     for u in pending:
@@ -173,7 +183,12 @@ def run_units(units: list[Unit], experiment: str, poll: Optional[float] = None) 
     failed = [c for c in codes if c != 0]
     if failed:
         raise WorkerFailed(failed[0])
-    return all(u.finished() for u in units)
+    finished = all(u.finished() for u in units)
+    if finished and dist.is_main():  # a kill between a unit's result and its release left files behind
+        for u in units:
+            if u.release is not None:
+                u.release()
+    return finished
 
 
 def _fork_worker(units: list[Unit], experiment: str, poll: float, index: int) -> int:
@@ -219,6 +234,8 @@ def _loop(units: list[Unit], experiment: str, poll: float) -> bool:
             unit = unit if dist.is_main() else next(u for u in units if u.name == name)
             try:
                 unit.work()
+                if unit.release is not None and dist.is_main():
+                    unit.release()
             finally:
                 if lock is not None:
                     lock.release()

@@ -15,9 +15,10 @@ from .config import RENAMED_KEYS, Config, ModelConfig
 # The keys that decide what a unit of work computes. Grid keys (seeds, lottery.modes, lottery.levels,
 # data.test, the loss lists and sparsities of debias) are not among them: changing those adds or drops units.
 DATA_KEYS = ["data.dataset", "data.root", "data.features", "data.train", "data.valid", "data.ans2label",
-             "data.max_seq_length", "data.embedded"]
+             "data.max_seq_length", "data.special_tokens", "data.mask_padding", "data.embedded"]
 TRAIN_KEYS = ["train.epochs", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
-              "train.warmup", "train.clip", "train.loss", "train.precision", "train.compile"]
+              "train.warmup", "train.clip", "train.loss", "train.precision", "train.compile", "train.optimizer",
+              "train.dense_seed"]
 
 # Keys a record holds only since a later version, with the value a record made without them was computed
 # with (so a study started before stays valid when its settings did not change): study B's lottery baseline
@@ -25,7 +26,10 @@ TRAIN_KEYS = ["train.epochs", "train.batch_size", "train.grad_accum", "train.lr"
 # exist (the head as loaded: null); the stand-in pretraining clipped at 5.0 and the question-only model
 # trained with Adam at lr 2e-3 in batches of 256 before these were keys.
 RECORDED_SINCE = {"lottery.scope": "layer", "model.answer_prior": None, "pretrain.clip": 5.0,
-                  "blind.lr": 2e-3, "blind.batch_size": 256}
+                  "blind.lr": 2e-3, "blind.batch_size": 256, "train.optimizer": "adamw", "train.dense_seed": None,
+                  "lottery.enforce_masks": True, "lottery.prune_all_parameters": False,
+                  "lottery.original_high_level": "named", "data.special_tokens": True, "data.mask_padding": True,
+                  "model.head": "lxmert", "debias.stage_start": "final"}
 
 
 def model_keys() -> list[str]:

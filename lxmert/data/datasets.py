@@ -99,7 +99,8 @@ def _validate_label(label, where: str) -> None:
             raise InputError(f"{where} label of answer {answer!r} has score {score!r}; scores are numbers in [0, 1]")
 
 
-def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, max_len: int) -> Split:
+def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, max_len: int,
+               special_tokens: bool = True) -> Split:
     questions = read_json(path, "question file")
     _validate(questions, path)
     for i, q in enumerate(questions):
@@ -107,7 +108,7 @@ def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, m
             raise InputError(f"{path}: question #{i} (question_id {q['question_id']}) has img_id "
                              f"'{q['img_id']}', which is not in the feature store {store.folder}")
     enc = tokenizer([q["sent"] for q in questions], padding="max_length", truncation=True,
-                    max_length=max_len, return_tensors="np")
+                    max_length=max_len, return_tensors="np", add_special_tokens=special_tokens)
     ptr, idx, score, oov = [0], [], [], 0
     for q in questions:
         label = q.get("label") or {}
@@ -130,8 +131,10 @@ def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, m
 class VQADataset(torch.utils.data.Dataset):
     """Indexing with a list of question positions returns a whole batch as tensors."""
 
-    def __init__(self, split: Split, store: FeatureStore, num_answers: int, qtype_index: dict[str, int]):
+    def __init__(self, split: Split, store: FeatureStore, num_answers: int, qtype_index: dict[str, int],
+                 mask_padding: bool = True):
         self.split, self.store, self.num_answers = split, store, num_answers
+        self.mask_padding = mask_padding  # false: every position attended, padding included (Si et al.)
         unknown = len(qtype_index)
         self.qtypes = np.array([qtype_index.get(t, unknown) for t in split.question_types], np.int64)
 
@@ -155,7 +158,9 @@ class VQADataset(torch.utils.data.Dataset):
             feats[j] = self.store._features[rows[j]]
             boxes[j] = self.store._boxes[rows[j]]
         mask = sp.attention_mask[index]
-        length = max(int(mask.sum(1).max()), 1)
+        length = max(int(mask.sum(1).max()), 1) if self.mask_padding else mask.shape[1]
+        if not self.mask_padding:
+            mask = np.ones_like(mask)
         out = {"input_ids": torch.from_numpy(sp.input_ids[index, :length]),
                "attention_mask": torch.from_numpy(mask[:, :length]),
                "visual_feats": torch.from_numpy(feats), "visual_pos": torch.from_numpy(boxes)}
@@ -245,13 +250,14 @@ def load_data(cfg: Config, log=print) -> Data:
     _check_finite(store)
     vocab = AnswerVocab.load(root / d.ans2label)
     tokenizer = load_tokenizer(cfg)
-    load = lambda name: load_split(root / f"{name}.json", tokenizer, vocab, store, d.max_seq_length)  # noqa: E731
+    load = lambda name: load_split(root / f"{name}.json", tokenizer, vocab, store, d.max_seq_length,  # noqa: E731
+                                   d.special_tokens)
     train = _concat([load(n) for n in d.train])
     _check_tokenizer(train, tokenizer, cfg)
     if not train.has_labels:
         raise InputError(f"training split {d.train} has questions without 'label'")
     qtype_index = {t: i for i, t in enumerate(sorted(set(train.question_types)))}
-    wrap = lambda s: VQADataset(s, store, len(vocab), qtype_index)  # noqa: E731
+    wrap = lambda s: VQADataset(s, store, len(vocab), qtype_index, d.mask_padding)  # noqa: E731
     valid = load(d.valid)
     if not valid.has_labels:
         raise InputError(f"{root / d.valid}.json (data.valid): the validation split has no labels; models are "
@@ -304,10 +310,40 @@ def _check_store_shape(store: FeatureStore, num_boxes: int, feat_dim: int) -> No
                              f"(data.embedded.{key}) says {want}")
 
 
-def loader(dataset: VQADataset, sampler: BatchSampler, num_workers: int, pin: bool):
-    """A DataLoader that yields whole batches built by the dataset (workers share the memory map).
+def loader(dataset: torch.utils.data.Dataset, sampler: torch.utils.data.Sampler, num_workers: int, pin: bool,
+           prefetch: int = 2):
+    """A DataLoader that yields whole batches built by the dataset (workers share the memory map; with workers,
+    `prefetch` batches each are built ahead, and pinned memory lets the copy to the GPU overlap the step).
 
     It gets a generator of its own: starting an iterator draws a seed from it, and drawing from the
     global RNG would shift dropout after a resume in the middle of an epoch."""
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
-                                       pin_memory=pin, persistent_workers=False, generator=torch.Generator())
+                                       pin_memory=pin, persistent_workers=False, generator=torch.Generator(),
+                                       prefetch_factor=prefetch if num_workers else None)
+
+
+class Inputs(torch.utils.data.Dataset):
+    """The model's inputs of a split, batch by batch (what prediction reads: no targets)."""
+
+    def __init__(self, dataset: VQADataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: list[int]) -> dict[str, torch.Tensor]:
+        return self.dataset.batch(index, targets=False)
+
+
+class SliceSampler(torch.utils.data.Sampler):
+    """Consecutive batches of the questions [lo, hi) (one rank's slice of a split, in order)."""
+
+    def __init__(self, lo: int, hi: int, batch_size: int):
+        self.lo, self.hi, self.batch_size = lo, hi, batch_size
+
+    def __len__(self) -> int:
+        return -(-(self.hi - self.lo) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(self.lo, self.hi, self.batch_size):
+            yield list(range(start, min(self.hi, start + self.batch_size)))

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from ..core.cli import Parser, check_output
+from ..core.config import EXPERIMENT_NAME
 from ..core.errors import InputError, exit_code
 from ..core.files import atomic_folder, read_json, refuse_existing, remove_temporaries, write_json
 from .answers import AnswerVocab, normalize_answer, soft_label, strip_answer
@@ -310,18 +311,47 @@ def _attach(entry: Entry, ann: Optional[dict], raw: RawSplit, i: int) -> None:
         ann["raw_answers"]
 
 
-def carve_split(entries: list[Entry], fraction: float, seed: int, what: str) -> tuple[list[Entry], list[Entry]]:
-    """Split off a validation set by image: a model must not be selected on images it trained on.
-    The images are sorted before the seeded shuffle, so the same input and seed give the same split."""
+def held_images(img_ids: set[str], fraction: float, seed: int, what: str, option: str = "--carve-val") -> set[str]:
+    """The images a carve holds out. They are sorted before the seeded shuffle, so the same input and seed give
+    the same split."""
     if not 0.0 < fraction < 1.0:
-        raise InputError(f"--carve-val: fraction {fraction} must be in (0, 1)")
-    images = sorted({e.img_id for e in entries})
+        raise InputError(f"{option}: fraction {fraction} must be in (0, 1)")
+    images = sorted(img_ids)
     n_held = round(fraction * len(images))
     if not 0 < n_held < len(images):
-        raise InputError(f"--carve-val {fraction}: {what} has {len(images)} images, too few to hold out that fraction")
+        raise InputError(f"{option} {fraction}: {what} has {len(images)} images, too few to hold out that fraction")
     order = np.random.default_rng(seed).permutation(len(images))
-    held = {images[j] for j in order[:n_held]}
+    return {images[j] for j in order[:n_held]}
+
+
+def carve_split(entries: list[Entry], fraction: float, seed: int, what: str) -> tuple[list[Entry], list[Entry]]:
+    """Split off a validation set by image: a model must not be selected on images it trained on."""
+    held = held_images({e.img_id for e in entries}, fraction, seed, what)
     return [e for e in entries if e.img_id not in held], [e for e in entries if e.img_id in held]
+
+
+def carve_file(path: str | Path, fraction: float, seed: int, names: Sequence[str], out: str | Path,
+               overwrite: bool = False, log: Log = _stderr) -> tuple[Path, Path]:
+    """A prepared question file split in two by image (the held-out part gets `fraction` of the images): e.g.
+    VQA v2's nominival into a part to train on and a test split never trained on or selected on."""
+    path, out = Path(path), Path(out)
+    questions = read_json_file(path, "question file")
+    if not isinstance(questions, list) or not all(isinstance(q, dict) and isinstance(q.get("img_id"), str)
+                                                  for q in questions):
+        raise InputError(f"{path}: expected prepared questions (a list of objects with a string 'img_id')")
+    if len(names) != 2 or not all(EXPERIMENT_NAME.fullmatch(n) for n in names) or names[0] == names[1]:
+        raise InputError(f"--names {' '.join(names)}: give two different split names (letters, digits, _ - .)")
+    targets = [out / f"{n}.json" for n in names]
+    for target in targets:
+        if target.exists() and not overwrite:
+            raise InputError(f"{target} exists; remove it or pass --overwrite")
+    held = held_images({q["img_id"] for q in questions}, fraction, seed, str(path), "--fraction")
+    kept = [q for q in questions if q["img_id"] not in held]
+    write_json(targets[0], kept, indent=None)
+    write_json(targets[1], [q for q in questions if q["img_id"] in held], indent=None)
+    log(f"{path}: {len(kept)} questions -> {targets[0]}, {len(questions) - len(kept)} on {len(held)} held-out "
+        f"images -> {targets[1]} (seed {seed})")
+    return targets[0], targets[1]
 
 
 def build_vocab(splits: dict[str, list[Entry]], vocab_from: Sequence[str], min_count: int) -> AnswerVocab:
@@ -706,6 +736,15 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("questions", nargs="+", help="prepared question files (<split>.json)")
     tok.add_argument("--out", required=True, help="tokenizer folder (model.tokenizer)")
     tok.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not empty")
+    carve = sub.add_parser("carve", help="a prepared question file split in two by image (e.g. a held-out test "
+                                         "split from nominival)")
+    carve.add_argument("questions", help="the prepared question file (<split>.json)")
+    carve.add_argument("--fraction", type=float, required=True, help="the fraction of its images held out")
+    carve.add_argument("--names", nargs=2, required=True, metavar=("KEPT", "HELD"),
+                       help="the two split names written to --out (KEPT.json, HELD.json)")
+    carve.add_argument("--out", required=True, help="the folder they go to (the prepared data folder)")
+    carve.add_argument("--seed", type=int, default=0, help="seed of the carve")
+    carve.add_argument("--overwrite", action="store_true", help="replace existing files of those names")
     fp = sub.add_parser("fingerprint", help="record (again) the fingerprint of a feature store")
     fp.add_argument("store", help="feature store folder")
     return parser
@@ -741,6 +780,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run = {"vqa": lambda: _run_vqa(args), "vqavs": lambda: _run_vqavs(args),
            "features": lambda: prepare_features(args.tsv, args.out, args.dtype, args.overwrite),
            "tokenizer": lambda: prepare_tokenizer(args.questions, args.out, args.overwrite),
+           "carve": lambda: carve_file(args.questions, args.fraction, args.seed, args.names, args.out, args.overwrite),
            "fingerprint": lambda: _stderr(f"{args.store}: fingerprint {refresh_fingerprint(args.store)['sample_sha256']}")}
     return exit_code(run[args.command])
 

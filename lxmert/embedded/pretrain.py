@@ -59,7 +59,7 @@ from ..data.tokenizer import load_tokenizer
 from ..modeling.convert import HEAD_LAYERS, HEAD_PREFIX, Checkpoint, build_head
 from ..modeling.vqa import HEAD_FILE, head_metadata
 from ..train.checkpoints import check_digests, digests
-from ..train.trainer import adamw
+from ..train.optimizers import adamw
 from .generator import (
     COLORS,
     FORMAT_VERSION,

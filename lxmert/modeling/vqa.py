@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from ..core.config import ModelConfig
 from ..core.errors import InputError
@@ -36,16 +37,34 @@ def answer_head(hidden: int, num_answers: int) -> nn.Sequential:
     return head
 
 
-class VQAModel(nn.Module):
-    """Encoder + answer head. forward(batch) returns (logits [B, A], pooled output [B, h])."""
+def simple_head(hidden: int, num_answers: int, dropout: float = 0.5) -> nn.Sequential:
+    """Si et al.'s classifier (PhoebusSi/Compress-Robust-VQA, hg_transformers/classifier.py lines 5-22 with
+    fc.py lines 6-44, put on the pooled output by modeling_lxmert.py lines 233-246): weight-normed Linear(h, 2h)
+    (one gain per matrix: dim=None), ReLU, Dropout(0.5), weight-normed Linear(2h, answers). Their init writes
+    normal(0, 0.02) into the weight-normed layers' derived `weight`, which has no effect (their lines 206-220):
+    the layers keep PyTorch's default init and zero biases, as here."""
+    first, last = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, num_answers)
+    for layer in (first, last):
+        nn.init.zeros_(layer.bias)
+    return nn.Sequential(weight_norm(first, dim=None), nn.ReLU(), nn.Dropout(dropout), weight_norm(last, dim=None))
 
-    def __init__(self, encoder: nn.Module, family: str, num_answers: int):
+
+class VQAModel(nn.Module):
+    """Encoder + answer head. forward(batch) returns (logits [B, A], pooled output [B, h]). With `sees_image`
+    false the model is its own question-only baseline: every region feature and box reaches it as zero."""
+
+    def __init__(self, encoder: nn.Module, family: str, num_answers: int, head: str = "lxmert"):
         super().__init__()
         self.family = family
         self.encoder = encoder
-        self.head = answer_head(encoder.config.hidden_size, num_answers)
+        hidden = encoder.config.hidden_size
+        self.head = answer_head(hidden, num_answers) if head == "lxmert" else simple_head(hidden, num_answers)
+        self.sees_image = True
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.sees_image:
+            batch = {**batch, "visual_feats": torch.zeros_like(batch["visual_feats"]),
+                     "visual_pos": torch.zeros_like(batch["visual_pos"])}
         if self.family == "lxmert":
             out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                visual_feats=batch["visual_feats"], visual_pos=batch["visual_pos"])
@@ -137,11 +156,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, feat_dim: int, num_answers: i
                 answers: Optional[Sequence[str]] = None) -> VQAModel:
     """Build the model; call under a seeded RNG so initialisation is reproducible. `answers` (label2ans of
     the data) lets a pretrained QA head be checked against the answer order it was built for."""
-    model = VQAModel(_encoder(cfg, vocab_size, feat_dim), cfg.family, num_answers)
-    if cfg.pretrained:
-        if feature_dim(model.encoder.config) != feat_dim:
-            raise InputError(f"pretrained model {cfg.pretrained} expects {feature_dim(model.encoder.config)}-d "
-                             f"region features, the feature store has {feat_dim}")
+    model = VQAModel(_encoder(cfg, vocab_size, feat_dim), cfg.family, num_answers, cfg.head)
+    if cfg.pretrained and feature_dim(model.encoder.config) != feat_dim:
+        raise InputError(f"pretrained model {cfg.pretrained} expects {feature_dim(model.encoder.config)}-d "
+                         f"region features, the feature store has {feat_dim}")
+    if cfg.pretrained and cfg.head == "lxmert":  # Si et al.'s classifier starts fresh on the pretrained encoder
         _load_pretrained_head(model, Path(cfg.pretrained) / HEAD_FILE, answers)
     if cfg.answer_prior is not None:
         shift_answer_biases(model, cfg.answer_prior)

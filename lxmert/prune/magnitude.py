@@ -12,7 +12,10 @@ Modes:
   low_magnitude   removes the smallest |w| among the surviving weights;
   high_magnitude  removes the largest |w| (true high-magnitude pruning);
   random          removes surviving weights uniformly at random, with the same per-tensor counts as
-                  the low-magnitude mask of that level would have.
+                  the low-magnitude mask of that level would have;
+  original_high   what the original code calls "high magnitude": per tensor, as many weights as the
+                  low-magnitude mask keeps: all those it prunes plus random others below 50 %, a random
+                  subset of them from 50 % on (_original_high).
 
 Global selection uses one float32 buffer of all prunable scores and an in-place numpy partition
 (exact k-th value), i.e. at most one extra copy of the prunable weights in memory.
@@ -27,7 +30,7 @@ from ..core.errors import InputError
 from .masks import parameter
 from .prunable import PrunableTensor
 
-MODES = ("low_magnitude", "high_magnitude", "random")
+MODES = ("low_magnitude", "high_magnitude", "random", "original_high")
 
 
 def _scores(w: torch.Tensor, keep: torch.Tensor, mode: str, out: np.ndarray | None = None) -> np.ndarray:
@@ -149,13 +152,42 @@ def check_level(sizes: list[int], sparsity: float, scope: str, key: str) -> None
                          f"({scope} scope); lower it")
 
 
+def _original_high(low: list[np.ndarray], seed: list[int]) -> list[np.ndarray]:
+    """The original code's "high magnitude" (ghazaleh-mahmoodi/lxmert_compression, commit b93d9d2,
+    lxmert/src/tasks/lottery_ticket_hypothesis.py lines 104-124, applied by vqa.py lines 228-233): in each tensor
+    it prunes as many weights as the low-magnitude mask `low` KEEPS: when that is more than the low-magnitude
+    mask prunes (below 50 %), all of those plus others drawn at random among the kept ones; otherwise a random
+    subset of the low-magnitude-pruned ones. So it never removes a weight for being large. The draws are
+    uniform without replacement (theirs: Python's random.sample, seeded by param.py), here from (seed, tensor)."""
+    out = []
+    for i, pruned in enumerate(low):
+        rng = np.random.default_rng([*seed, i])
+        kept = int((~pruned).sum())
+        new = np.zeros_like(pruned)
+        if kept > int(pruned.sum()):
+            new[pruned] = True
+            others = np.flatnonzero(~pruned)
+            new[others[rng.permutation(len(others))[:kept - int(pruned.sum())]]] = True
+        else:
+            candidates = np.flatnonzero(pruned)
+            new[candidates[rng.permutation(len(candidates))[:kept]]] = True
+        out.append(new)
+    return out
+
+
 def prune(mode: str, model: nn.Module, prunable: list[PrunableTensor], current: dict[str, torch.Tensor],
-          sparsity: float, scope: str = "global", seed: int = 0, salt: float = 0.0) -> dict[str, torch.Tensor]:
+          sparsity: float, scope: str = "global", seed: int = 0, salt: float = 0.0,
+          mirrored: bool = False) -> dict[str, torch.Tensor]:
     """A new mask (True = kept) at `sparsity`, containing every weight `current` already pruned. The random
-    mode draws from (seed, salt): the study passes the level itself as salt, so a level's random mask does
-    not change when other levels are added to the grid."""
+    modes draw from (seed, salt): the study passes the level itself as salt, so a level's random mask does
+    not change when other levels are added to the grid. original_high starts from the low-magnitude mask at
+    `sparsity` (or at 1 - sparsity when `mirrored`, as the original's published runs did) and a full mask."""
     if mode not in MODES:
         raise ValueError(f"unknown pruning mode '{mode}' (known: {', '.join(MODES)})")
+    if mode == "original_high":
+        low = prune("low_magnitude", model, prunable, current, 1 - sparsity if mirrored else sparsity, scope)
+        drawn = _original_high([~low[t.name].numpy().ravel() for t in prunable], [seed, int(round(salt * 1e6))])
+        return {t.name: torch.from_numpy(~p).reshape(low[t.name].shape) for t, p in zip(prunable, drawn)}
     tensors = [parameter(model, t.name) for t in prunable]
     keeps = [current[t.name].cpu() for t in prunable]
     sizes = [w.numel() for w in tensors]

@@ -48,17 +48,23 @@ def _modality(family: str, name: str) -> Optional[str]:
     return None
 
 
-def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT) -> list[PrunableTensor]:
+def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT,
+                     all_parameters: bool = False) -> list[PrunableTensor]:
     """The prunable set: the weight matrices of Linear and Embedding modules whose parameter name matches
-    one of the glob patterns (fnmatch), in model order. Biases and LayerNorm weights are never candidates.
+    one of the glob patterns (fnmatch), in model order; biases and LayerNorm weights are candidates only with
+    `all_parameters` (the original study's state-dict rule prunes them too: lottery.prune_all_parameters).
     Each tensor's modality (language / vision / cross / pooler / head) comes from its name; a pattern
     that matches nothing is an error (a typo must not silently shrink the set)."""
     modules = {f"{name}.weight": module for name, module in model.named_modules()
                if isinstance(module, (nn.Linear, nn.Embedding))}
+    if all_parameters:
+        owners = dict(model.named_modules())
+        modules = {name: owners[name.rpartition(".")[0]] for name, _ in model.named_parameters()}
     candidates = list(modules)
     unused = [p for p in patterns if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
     if unused:
-        raise InputError(f"prunable pattern(s) {unused} match no Linear or Embedding weight of this "
+        raise InputError(f"prunable pattern(s) {unused} match no {'parameter' if all_parameters else 'Linear or Embedding weight'} of this "
                          f"{model.family} model (names look like {candidates[0]}, {candidates[-1]})")
-    return [PrunableTensor(c, _modality(model.family, c) or "other", getattr(modules[c], "padding_idx", None))
+    return [PrunableTensor(c, _modality(model.family, c) or "other",
+                           getattr(modules[c], "padding_idx", None) if c.endswith(".weight") else None)
             for c in candidates if any(fnmatch.fnmatchcase(c, p) for p in patterns)]

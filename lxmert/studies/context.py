@@ -124,10 +124,11 @@ class Context:
         otherwise train them from weights built with the old settings)."""
         path = self.paths.init(seed)
         mine = init_settings(self.cfg)
+        drawn = seed if self.cfg.train.dense_seed is None else self.cfg.train.dense_seed
         once(path.parent, path.exists,
-             lambda: save_tensors(path, self.new_model(seed).state_dict(),
+             lambda: save_tensors(path, self.new_model(drawn).state_dict(),
                                   metadata={"settings": json.dumps(mine, sort_keys=True)}), of=path.name)
-        check_init(path, mine, lambda: self._rebuilt_init(seed))
+        check_init(path, mine, lambda: self._rebuilt_init(drawn))
         return path
 
     def _rebuilt_init(self, seed: int) -> dict:
@@ -152,7 +153,7 @@ class Context:
             if splits is None or name in splits:
                 ds = self.dataset(name)
                 out[name] = accuracy(ds, predict(model, ds, self.cfg.train.eval_batch_size, dist.device(),
-                                                 self.cfg.train.precision))
+                                                 self.cfg.train.precision, self.cfg.data.num_workers))
         return out
 
     def valid_accuracy(self, model: VQAModel) -> float:
@@ -164,7 +165,8 @@ class Context:
         out = {}
         for name in self.splits:
             ds = self.dataset(name)
-            preds = predict(model, ds, self.cfg.train.eval_batch_size, dist.device(), self.cfg.train.precision)
+            preds = predict(model, ds, self.cfg.train.eval_batch_size, dist.device(), self.cfg.train.precision,
+                            self.cfg.data.num_workers)
             if ds.split.has_labels:
                 out[name] = accuracy(ds, preds)
             if dist.is_main():
@@ -203,8 +205,9 @@ def tables_lock(cfg: Config) -> FileLock:
 
 def init_settings(cfg: Config) -> dict:
     """The settings recorded with a seed's initial weights: the data and model keys every unit records too (a
-    superset of what the weights depend on: vocabulary, answers, feature size, encoder, head)."""
-    return plain(unit_settings(cfg, DATA_KEYS + model_keys()))
+    superset of what the weights depend on: vocabulary, answers, feature size, encoder, head) and the seed
+    they are drawn from (train.dense_seed)."""
+    return plain(unit_settings(cfg, DATA_KEYS + model_keys() + ["train.dense_seed"]))
 
 
 _LEGACY_INIT_CHECKED: set[str] = set()

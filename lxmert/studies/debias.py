@@ -37,7 +37,7 @@ from typing import Callable, Optional
 from ..core import distributed as dist
 from ..core import paths
 from ..core.config import MODALITIES, Config, level_name
-from ..core.files import read_object, save_tensors, write_json
+from ..core.files import load_tensors, read_object, remove_file, save_tensors, write_json
 from ..core.logs import metrics_log
 from ..core.paths import Run
 from ..core.scheduler import Unit, run_units
@@ -46,13 +46,14 @@ from ..data.datasets import BatchSampler
 from ..modeling.vqa import VQAModel
 from ..prune.learned import LearnedMasks, check_target
 from ..prune.magnitude import check_level, prune
-from ..prune.masks import full_mask, load_mask_for, measure_weights, save_mask
+from ..prune.masks import full_mask, load_mask, load_mask_for, measure_weights, save_mask
 from ..prune.prunable import prunable_tensors
-from ..train.checkpoints import load_weights, run_summary
+from ..train.checkpoints import check_compatible, drop_weights, load_weights, run_summary
 from ..train.trainer import RunSpec, Schedule
 from .context import Context, tables_lock
 from .debias_report import Target, pct, write_debias
-from .dense import dense, dense_settings
+from .dense import dense, dense_settings, question_only_rows, question_only_unit
+from .priors import prior_rules
 from .rows import DEBIAS_KEYS, DebiasRow, as_json, complete, measured
 from .tickets import retrain_ticket, rewind_point
 
@@ -78,11 +79,11 @@ def stage1_settings(cfg: Config, loss: str) -> dict:
     return {**dense_settings(cfg, loss), **unit_settings(cfg, extra)}
 
 
-STAGE2_KEYS = ["debias.prunable", "debias.stage2_epochs", "debias.stage2_lr", "debias.stage2_batch_size",
+STAGE2_KEYS = ["debias.prunable", "debias.stage_start", "debias.stage2_epochs", "debias.stage2_lr", "debias.stage2_batch_size",
                "debias.stage2_warmup", "debias.reset_every", "debias.stage3", "debias.stage3_epochs",
                "debias.stage3_lr", "debias.stage3_batch_size", "debias.stage3_warmup", "debias.lmh_entropy",
                "debias.lpf_gamma"]
-CONTROL_KEYS = ["debias.stage2_epochs", "debias.stage3", "debias.stage3_epochs", "debias.lmh_entropy",
+CONTROL_KEYS = ["debias.stage_start", "debias.stage2_epochs", "debias.stage3", "debias.stage3_epochs", "debias.lmh_entropy",
                 "debias.lpf_gamma"]
 
 
@@ -113,16 +114,58 @@ class Setting:
     tag: str = "full"
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One unit of a seed's grid (what the study runs and `python -m lxmert plan` costs)."""
+
+    name: str
+    kind: str  # stage1 | compress (stage 2, and stage 3 when debias.stage3) | control | lottery
+    stage1_loss: str
+    stage2_loss: Optional[str] = None
+    tag: str = "full"
+    target: Target = 0.0
+    needs: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ("",)
+
+
+def stage1_losses(cfg: Config) -> list[str]:
+    """The stage-1 losses: the config's, and BCE for the lottery baseline (pruned from the BCE model)."""
+    dc = cfg.debias
+    return list(dict.fromkeys(dc.stage1_losses + (["bce"] if dc.lottery_baseline else [])))
+
+
+def grid(cfg: Config, seed: int) -> list[Planned]:
+    """The units of one seed, in study order."""
+    dc = cfg.debias
+    out = [Planned(paths.stage1(seed, loss), "stage1", loss) for loss in stage1_losses(cfg)]
+    for s1 in dc.stage1_losses:
+        needs = (paths.stage1(seed, s1),)
+        for s2 in dc.stage2_losses:
+            stages = ("stage2",) + (("stage3",) if dc.stage3 else ())
+            out += [Planned(paths.compress(seed, s1, s2, tag), "compress", s1, s2, tag, target, needs, stages)
+                    for tag, target in sparsity_settings(cfg)]
+            if dc.controls:
+                out.append(Planned(paths.control(seed, s1, s2), "control", s1, s2, needs=needs))
+    if dc.lottery_baseline:
+        out += [Planned(paths.ticket(seed, f"s{pct(s)}"), "lottery", "bce", None, f"s{pct(s)}", s,
+                        (paths.stage1(seed, "bce"),)) for s in dc.sparsities]
+    if cfg.blind.lxmert:
+        out += [Planned(paths.question_only(seed, loss), "question_only", loss) for loss in row_losses(cfg)]
+    return out
+
+
+def row_losses(cfg: Config) -> list[str]:
+    """Every loss a row of the study is trained with (the question-only models are reported per loss)."""
+    return sorted(set(cfg.debias.stage1_losses) | set(cfg.debias.stage2_losses) |
+                  ({"bce"} if cfg.debias.lottery_baseline else set()))
+
+
 class SeedStudy:
     """The units of one seed."""
 
     def __init__(self, ctx: Context, seed: int):
         self.ctx, self.cfg, self.seed = ctx, ctx.cfg, seed
         self.results: list[Path] = []  # the result.json of every row, in study order
-
-    def stage1_losses(self) -> list[str]:
-        dc = self.cfg.debias
-        return list(dict.fromkeys(dc.stage1_losses + (["bce"] if dc.lottery_baseline else [])))
 
     def check(self) -> None:
         """Before any work: every stage-2 target and every lottery sparsity keeps some weight."""
@@ -138,29 +181,32 @@ class SeedStudy:
                         self.cfg.lottery.scope, "debias.sparsities")
 
     def units(self) -> list[Unit]:
-        dc, seed, cfg = self.cfg.debias, self.seed, self.cfg
-        units = [self._unit(paths.stage1(seed, loss), lambda loss=loss: self.full(loss), [""],
-                            stage1_settings(cfg, loss)) for loss in self.stage1_losses()]
+        cfg = self.cfg
+        units = []
+        for p in grid(cfg, self.seed):
+            if p.kind == "stage1":
+                units.append(self._unit(p.name, lambda p=p: self.full(p.stage1_loss), [""],
+                                        stage1_settings(cfg, p.stage1_loss)))
+            elif p.kind == "compress":
+                units.append(self._unit(p.name, lambda p=p: self.compress(p.stage1_loss, p.stage2_loss, p.tag, p.target),
+                                        p.stages, stage2_settings(cfg, p.stage1_loss, p.stage2_loss), p.needs,
+                                        release=lambda p=p: self.release_compress(p.name)))
+            elif p.kind == "question_only":
+                units.append(question_only_unit(self.ctx, self.seed, p.stage1_loss,
+                                                stage1_settings(cfg, p.stage1_loss)))
+            elif p.kind == "control":
+                units.append(self._unit(p.name, lambda p=p: self.control(p.stage1_loss, p.stage2_loss), [""],
+                                        control_settings(cfg, p.stage1_loss, p.stage2_loss), p.needs,
+                                        release=lambda p=p: self.release_run(self.ctx.paths.run(p.name))))
+            else:
+                units.append(self._unit(p.name, lambda p=p: self.lottery(p.target), [""], lottery_settings(cfg),
+                                        p.needs, release=lambda p=p: self.release_run(
+                                            self.ctx.paths.run(p.name, level_name(p.target)))))
         units[0].check = self.check
-        for s1 in dc.stage1_losses:
-            needs = (paths.stage1(seed, s1),)
-            for s2 in dc.stage2_losses:
-                for tag, target in sparsity_settings(cfg):
-                    stages = ["stage2"] + (["stage3"] if dc.stage3 else [])
-                    units.append(self._unit(paths.compress(seed, s1, s2, tag),
-                                            lambda s1=s1, s2=s2, tag=tag, t=target: self.compress(s1, s2, tag, t),
-                                            stages, stage2_settings(cfg, s1, s2), needs))
-                if dc.controls:
-                    units.append(self._unit(paths.control(seed, s1, s2), lambda s1=s1, s2=s2: self.control(s1, s2),
-                                            [""], control_settings(cfg, s1, s2), needs))
-        if dc.lottery_baseline:
-            for s in dc.sparsities:
-                units.append(self._unit(paths.ticket(seed, f"s{pct(s)}"), lambda s=s: self.lottery(s), [""],
-                                        lottery_settings(cfg), (paths.stage1(seed, "bce"),)))
         return units
 
     def _unit(self, name: str, work: Callable[[], None], stages: list[str], settings: dict,
-              needs: tuple[str, ...] = ()) -> Unit:
+              needs: tuple[str, ...] = (), release: Optional[Callable[[], None]] = None) -> Unit:
         folder = self.ctx.paths.unit(name)
         self.results += [folder / sub / paths.RESULT for sub in stages]
 
@@ -168,7 +214,25 @@ class SeedStudy:
             return all(self._complete(folder / sub / paths.RESULT) for sub in stages)
 
         return Unit(name=name, folder=folder, work=work, finished=finished, settings=settings, needs=needs,
-                    cleanup=(self.ctx.paths.predictions(name),))
+                    cleanup=(self.ctx.paths.predictions(name),), release=release)
+
+    # -- what a finished unit keeps (checkpoints.keep) ----------------------------------------------------
+    def release_run(self, run: Run) -> None:
+        """A control's or a lottery ticket's weights: results, predictions and mask are all that stays."""
+        if self.cfg.checkpoints.keep == "minimal":
+            drop_weights(run, "best", "final")
+
+    def release_compress(self, name: str) -> None:
+        """Stage 2 keeps its masks and answer heads (its weights are rebuilt from them exactly:
+        stage2_weights), stage 3 its result and predictions; stage 2's run (weights and scores) goes."""
+        if self.cfg.checkpoints.keep != "minimal":
+            return
+        folder = self.ctx.paths.unit(name)
+        drop_weights(Run(folder / "stage2" / paths.RUN), "best", "final")
+        if not self.cfg.debias.stage3 or self._complete(folder / "stage3" / paths.RESULT):
+            for file in (paths.PRUNED, paths.BEST_PRUNED):
+                remove_file(folder / "stage2" / file)
+        drop_weights(Run(folder / "stage3" / paths.RUN), "best", "final")
 
     def _complete(self, path: Path) -> bool:
         return complete(path, DebiasRow, self.ctx.splits, "study-B result")
@@ -198,11 +262,13 @@ class SeedStudy:
 
     def stage2(self, what: Setting, name: str, folder: Path, before: int) -> None:
         started = time.time()
-        if not (folder / paths.PRUNED).exists():
+        if not (folder / paths.HEADS).exists():  # written last of what mask training leaves
             self._train_masks(what, folder)
         model = self.ctx.new_model(self.seed)
         summary = run_summary(Run(folder / paths.RUN))
-        row = self._row(model, what, folder / paths.PRUNED, folder / paths.BEST_PRUNED, summary, f"{name}/stage2",
+        start = self.stage1_run(what.stage1_loss).weights(self.cfg.debias.stage_start)
+        row = self._row(model, what, stage2_weights(start, folder, "final"), stage2_weights(start, folder, "best"),
+                        summary, f"{name}/stage2",
                         started, epochs=before + self.cfg.debias.stage2_epochs)
         self._finish(folder / paths.RESULT, row)
 
@@ -210,7 +276,7 @@ class SeedStudy:
         """Stage 2 proper: learn the masks, then bake the final and the best-on-valid masks into weights."""
         dc = self.cfg.debias
         model = self.ctx.new_model(self.seed)
-        load_weights(model, self.stage1_run(what.stage1_loss).final)
+        load_weights(model, self.stage1_run(what.stage1_loss).weights(dc.stage_start))
         masks = LearnedMasks(model, what.target, dc.prunable)
         loss = self.ctx.loss(what.stage2_loss, model, self.seed)
         trainable = masks.scores() + list(model.head.parameters()) + list(loss.parameters())
@@ -230,22 +296,27 @@ class SeedStudy:
                        schedule=schedule, params=trainable, after_step=after_step)
         self.ctx.train(model, spec)
         modalities = {t.name: t.modality for t in prunable_tensors(model, dc.prunable)}
-        for weights, out in ((run.best, paths.BEST_PRUNED), (run.final, paths.PRUNED)):
+        heads = {}
+        for which, weights, out, mask in (("best", run.best, paths.BEST_PRUNED, paths.BEST_MASK),
+                                          ("final", run.final, paths.PRUNED, paths.MASK)):
             load_weights(model, weights)
             masks.reset_thresholds()
             baked = _baked(model, masks)
+            heads.update({f"{which}.{k}": v.detach().clone() for k, v in baked.items() if k.startswith("head.")})
             if dist.is_main():
-                if out == paths.PRUNED:
-                    save_mask(folder / paths.MASK, masks.current_masks(), modalities)
+                save_mask(folder / mask, masks.current_masks(), modalities)
                 save_tensors(folder / out, baked)
+        if dist.is_main():
+            save_tensors(folder / paths.HEADS, heads)
         dist.barrier()  # the other ranks read these files next (stage 3)
 
     def stage3(self, what: Setting, name: str, folder: Path, before: int) -> None:
         dc, started = self.cfg.debias, time.time()
         model = self.ctx.new_model(self.seed)
-        pruned = folder.parent / "stage2"
-        load_weights(model, pruned / paths.PRUNED)
-        mask = load_mask_for(pruned / paths.MASK, model, [t.name for t in prunable_tensors(model, dc.prunable)])
+        pruned, start = folder.parent / "stage2", dc.stage_start
+        load_state(model, stage2_weights(self.stage1_run(what.stage1_loss).weights(start), pruned, start), pruned)
+        mask = load_mask_for(pruned / (paths.MASK if start == "final" else paths.BEST_MASK), model,
+                             [t.name for t in prunable_tensors(model, dc.prunable)])
         run = Run(folder / paths.RUN)
         spec = RunSpec(run=run, seed=self.seed, tag=f"seed {self.seed} {what.setting} {what.tag} stage 3",
                        loss=self.ctx.loss(what.stage2_loss, model, self.seed),
@@ -260,7 +331,7 @@ class SeedStudy:
         dc, started = self.cfg.debias, time.time()
         name = paths.control(self.seed, s1, s2)
         model = self.ctx.new_model(self.seed)
-        load_weights(model, self.stage1_run(s1).final)
+        load_weights(model, self.stage1_run(s1).weights(dc.stage_start))
         run = self.ctx.paths.run(name)
         spec = RunSpec(run=run, seed=self.seed, tag=f"seed {self.seed} control {s1}-{s2}",
                        loss=self.ctx.loss(s2, model, self.seed),
@@ -304,14 +375,14 @@ class SeedStudy:
                                dist.world())
         return max(len(sampler.global_batches()) // schedule.grad_accum, 1)
 
-    def _row(self, model: VQAModel, what: Setting, final: Path, best: Path, summary: dict, unit: str,
+    def _row(self, model: VQAModel, what: Setting, final: Path | dict, best: Path | dict, summary: dict, unit: str,
              started: float, epochs: int) -> DebiasRow:
-        """A result row from the saved final and best-on-valid weights (plain weights, masks baked in):
-        accuracy of both on every labelled split, predictions of the best, sparsity of the final."""
-        load_weights(model, final)
+        """A result row from the saved final and best-on-valid weights (plain weights, masks baked in; a file or
+        a state): accuracy of both on every labelled split, predictions of the best, sparsity of the final."""
+        _load(model, final)
         final_acc = self.ctx.evaluate(model)
         report = measure_weights(model, prunable_tensors(model, self.cfg.debias.prunable))
-        load_weights(model, best)
+        _load(model, best)
         best_acc = self.ctx.evaluate_and_predict(model, unit)
         valid = self.cfg.data.valid
         losses = sorted({what.stage1_loss, what.stage2_loss or what.stage1_loss})
@@ -332,6 +403,34 @@ class SeedStudy:
         log.info("seed %d %s %s %s: valid %.2f, %s, measured sparsity %.4f", self.seed, row.setting, row.stage,
                  row.sparsity_tag, row.valid, shifted, row.measured_sparsity)
         metrics_log({"event": "debias", **as_json(row)})
+
+
+def stage2_weights(stage1_final: Path, folder: Path, which: str) -> dict:
+    """The final or best-on-valid weights of a stage-2 model: its file, or, once dropped (checkpoints.keep
+    minimal), rebuilt exactly from what stage 2 cannot change: the frozen stage-1 final weights times the mask,
+    with the answer head stage 2 trained."""
+    path = folder / (paths.PRUNED if which == "final" else paths.BEST_PRUNED)
+    if path.exists():
+        return load_tensors(path)
+    state = load_tensors(stage1_final)
+    mask, _ = load_mask(folder / (paths.MASK if which == "final" else paths.BEST_MASK))
+    for name, keep in mask.items():
+        state[name] = state[name] * keep.to(state[name].dtype)
+    heads = load_tensors(folder / paths.HEADS)
+    state.update({k.removeprefix(f"{which}."): v for k, v in heads.items() if k.startswith(f"{which}.")})
+    return state
+
+
+def load_state(model: VQAModel, state: dict, source: Path) -> None:
+    check_compatible(model.state_dict(), state, source)
+    model.load_state_dict(state)
+
+
+def _load(model: VQAModel, weights: Path | dict) -> None:
+    if isinstance(weights, dict):
+        load_state(model, weights, Path("stage 2 weights"))
+    else:
+        load_weights(model, weights)
 
 
 def _baked(model: VQAModel, masks: LearnedMasks) -> dict:
@@ -367,7 +466,9 @@ def run_debias(cfg: Config) -> Optional[dict]:
         return None
     rows = [read_object(path, DEBIAS_KEYS, "study-B result") for study in studies for path in study.results]
     result = {"experiment": cfg.experiment, "valid_split": cfg.data.valid, "test_splits": list(ctx.data.tests),
-              "seeds": list(cfg.seeds), "rows": rows, "environment": ctx.environment}
+              "seeds": list(cfg.seeds), "rows": rows, "environment": ctx.environment,
+              "question_only": question_only_rows(ctx, row_losses(cfg)),
+              "priors": prior_rules(ctx.data.train, ctx.data.tests)}
     with tables_lock(cfg):
         if dist.is_main():
             write_debias(cfg, result)

@@ -13,7 +13,7 @@ from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import read_object, write_json
 from ..core.paths import Experiment
-from .figures import ANSWER_TYPES, mean_std, mean_std_cell, plt, save_figure, seeds_text, write_table
+from .figures import ANSWER_TYPES, machine, mean_std, mean_std_cell, plt, save_figure, seeds_text, write_table
 from .rows import DEBIAS_KEYS
 
 Target = float | dict[str, float]
@@ -92,10 +92,27 @@ def debias_table(result: dict) -> tuple[list[str], list[list[str]]]:
         line += [mean_std([_overall(r[kind], t) for r in group]) for t in tests for kind in ("final", "best")]
         body.append(line)
     for loss, accs in blind_rows(result).items():
-        body.append([f"question-only {loss}", "-", "-", "-", "-", mean_std([_overall(a, valid) for a in accs])]
+        body.append([f"question-only bag of words {loss}", "-", "-", "-", "-",
+                     mean_std([_overall(a, valid) for a in accs])]
                     + [mean_std([_overall(a, t) for a in accs]) if kind == "final" else "-"
                        for t in tests for kind in ("final", "best")])
+    for loss, rows in result.get("question_only", {}).items():
+        body.append([f"question-only LXMERT {loss}", "-", "-", "-", "-",
+                     mean_std([_overall(r["final"], valid) for r in rows])]
+                    + [mean_std([_overall(r[kind], t) for r in rows]) for t in tests for kind in ("final", "best")])
+    for rule, accs in result.get("priors", {}).items():
+        body.append([f"prior: {rule}", "-", "-", "-", "-", "-"]
+                    + [_rule_cell(accs, t, "overall") if kind == "final" else "-" for t in tests
+                       for kind in ("final", "best")])
     return header, body
+
+
+def _rule_cell(accs: dict, split: str, kind: str) -> str:
+    """A prior rule's accuracy (one value: no seed is involved), '-' where it has none (the OOD mean of its parts)."""
+    if split != OOD_MEAN and split not in accs:
+        return "-"
+    value = _accuracy(accs, split, kind)
+    return "-" if value is None else f"{value:.2f}"
 
 
 def answer_type_table(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -109,7 +126,11 @@ def answer_type_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
     body = [[setting, stage, _target_text(group[0]["target_sparsity"])] + cells([r["final"] for r in group])
             for (setting, stage, _), group in _ordered_groups(result)]
-    body += [[f"question-only {loss}", "-", "-"] + cells(accs) for loss, accs in blind_rows(result).items()]
+    body += [[f"question-only bag of words {loss}", "-", "-"] + cells(accs) for loss, accs in blind_rows(result).items()]
+    body += [[f"question-only LXMERT {loss}", "-", "-"] + cells([r["final"] for r in rows])
+             for loss, rows in result.get("question_only", {}).items()]
+    body += [[f"prior: {rule}", "-", "-"] + [_rule_cell(accs, t, kind) for t in tests for kind in ANSWER_TYPES]
+             for rule, accs in result.get("priors", {}).items()]
     return header, body
 
 
@@ -149,7 +170,14 @@ def plot_debias(result: dict, split: str, path: Path) -> None:
         ax.axhline(_point(g, split)[1], ls=ls, lw=1, color=colors[(len(settings) + j) % len(colors)], label=label)
     for loss, accs in blind_rows(result).items():
         ax.axhline(float(np.mean([_overall(a, split) for a in accs])), ls="--", lw=1, color="grey",
-                   label=f"question-only {loss}")
+                   label=f"question-only bag of words {loss}")
+    for loss, rows in result.get("question_only", {}).items():
+        ax.axhline(float(np.mean([_overall(r["final"], split) for r in rows])), ls=":", lw=1, color="dimgrey",
+                   label=f"question-only LXMERT {loss}")
+    for rule, accs in result.get("priors", {}).items():
+        value = _accuracy(accs, split, "overall") if split == OOD_MEAN or split in accs else None
+        if value is not None:
+            ax.axhline(value, ls="-", lw=0.8, color="lightgrey", label=f"prior: {rule}")
     ax.set(xlim=(0, 100), xlabel="measured sparsity (%)", ylabel=f"{split} accuracy (%)",
            title=f"{result['experiment']}: {split} accuracy of the final models")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -162,10 +190,10 @@ def write_debias(cfg: Config, result: dict) -> None:
     header, body = debias_table(result)
     write_table(header, body, out / "debias_table.md", out / "debias_table.png",
                 f"{cfg.experiment}: accuracy (%), {seeds_text(result['seeds'])}; models selected on "
-                f"{result['valid_split']}; epochs = all training epochs behind the row")
+                f"{result['valid_split']}; epochs = all training epochs behind the row{machine(result)}")
     header, body = answer_type_table(result)
     write_table(header, body, out / "debias_answer_types.md", out / "debias_answer_types.png",
-                f"{cfg.experiment}: final accuracy (%) by answer type, {seeds_text(result['seeds'])}")
+                f"{cfg.experiment}: final accuracy (%) by answer type, {seeds_text(result['seeds'])}{machine(result)}")
     for split in _report_splits(result):
         plot_debias(result, split, out / f"debias_{split}.png")
 

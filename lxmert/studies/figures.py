@@ -27,6 +27,13 @@ def mean_std_cell(values: list) -> str:
     return "-" if None in values else mean_std(values)
 
 
+def machine(result: dict) -> str:
+    """'; <CPU>' or '; <GPU>' of a result file (floats differ between CPU types: name it beside every table)."""
+    env = result.get("environment") or {}
+    where = env.get("gpu") or env.get("cpu")
+    return f"; {where}" if where else ""
+
+
 def seeds_text(seeds: list) -> str:
     return "1 seed" if len(seeds) == 1 else f"mean ± std over {len(seeds)} seeds"
 

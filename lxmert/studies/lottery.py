@@ -34,9 +34,9 @@ from ..modeling.vqa import VQAModel
 from ..prune.magnitude import check_level, prune
 from ..prune.masks import full_mask, load_mask_for, measure_weights
 from ..prune.prunable import PrunableTensor, prunable_tensors
-from ..train.checkpoints import load_weights
+from ..train.checkpoints import drop_weights, load_weights
 from .context import Context, tables_lock
-from .dense import dense_unit, write_finetune
+from .dense import study_a_units, write_finetune
 from .lottery_report import lottery_result, write_lottery
 from .rows import LEVEL_KEYS, LevelRow, as_json, complete, measured
 from .tickets import Mask, retrain_ticket, rewind_point
@@ -61,7 +61,8 @@ class LotteryChain:
 
     @property
     def prunable(self) -> list[PrunableTensor]:
-        return prunable_tensors(self.model, self.ctx.cfg.lottery.prunable)
+        lc = self.ctx.cfg.lottery
+        return prunable_tensors(self.model, lc.prunable, lc.prune_all_parameters)
 
     def parent(self, index: int) -> Optional[float]:
         lc = self.ctx.cfg.lottery
@@ -97,7 +98,8 @@ class LotteryChain:
 
     def settings(self) -> dict:
         keys = DATA_KEYS + model_keys() + TRAIN_KEYS + ["lottery.schedule", "lottery.scope", "lottery.rewind_steps",
-                                                        "lottery.prune_from", "lottery.prunable"]
+                                                        "lottery.prune_from", "lottery.prunable", "lottery.enforce_masks",
+                                                        "lottery.prune_all_parameters", "lottery.original_high_level"]
         return unit_settings(self.ctx.cfg, keys)
 
     # -- the work --------------------------------------------------------------------------------
@@ -110,16 +112,30 @@ class LotteryChain:
             return [Unit(name=self.unit_name(level), folder=self.level_folder(level),
                          work=lambda i=i, level=level: self.level(i, level),
                          finished=lambda level=level: self.finished(level), settings=self.settings(), needs=dense,
-                         check=self.check, cleanup=(self.ctx.paths.predictions(self.unit_name(level)),))
+                         check=self.check, release=self.release,
+                         cleanup=(self.ctx.paths.predictions(self.unit_name(level)),))
                     for i, level in enumerate(lc.levels)]
         return [Unit(name=self.name, folder=self.folder, work=self.levels,
                      finished=lambda: all(self.finished(level) for level in lc.levels), settings=self.settings(),
-                     needs=dense, check=self.check,
+                     needs=dense, check=self.check, release=self.release,
                      cleanup=tuple(self.ctx.paths.predictions(self.unit_name(level)) for level in lc.levels))]
 
     def levels(self) -> None:
         for index, level in enumerate(self.ctx.cfg.lottery.levels):
             self.level(index, level)
+            self.release()
+
+    def release(self) -> None:
+        """checkpoints.keep minimal: a finished level keeps its mask, result and predictions; of its weights
+        only the final ones of an iterative chain's last finished level stay (the next level, or a level
+        added to the grid later, is pruned from them)."""
+        if self.ctx.cfg.checkpoints.keep == "all":
+            return
+        lc = self.ctx.cfg.lottery
+        done = [level for level in lc.levels if self.finished(level)]
+        for level in done:
+            last = lc.schedule == "iterative" and level == done[-1]
+            drop_weights(paths.Run(self.level_folder(level) / paths.RUN), *(("best",) if last else ("best", "final")))
 
     def _start(self, index: int) -> tuple[Mask, Path]:
         """The mask and trained weights a level is pruned from."""
@@ -142,7 +158,8 @@ class LotteryChain:
         ticket = retrain_ticket(
             self.ctx, model, self.seed, folder, prunable, trained, rewind=rewind, loss=cfg.train.loss, tag=tag,
             prune=lambda m: prune(self.mode, m, prunable, current, level, cfg.lottery.scope, seed=self.seed,
-                                  salt=level),
+                                  salt=level, mirrored=cfg.lottery.original_high_level == "mirrored"),
+            enforce=cfg.lottery.enforce_masks,
             record={"target": level, "parent": self.parent(index)})
         report = measure_weights(model, prunable)
         load_weights(model, paths.Run(folder / paths.RUN).best)
@@ -169,7 +186,7 @@ class LotteryChain:
 def lottery_units(ctx: Context) -> tuple[list[Unit], list[LotteryChain]]:
     cfg = ctx.cfg
     chains = [LotteryChain(ctx, seed, mode) for seed in cfg.seeds for mode in cfg.lottery.modes]
-    units = [dense_unit(ctx, s) for s in cfg.seeds] + [u for chain in chains for u in chain.units()]
+    units = study_a_units(ctx) + [u for chain in chains for u in chain.units()]
     return units, chains
 
 

@@ -13,10 +13,11 @@ from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import read_object, write_json, write_text
 from ..core.paths import Experiment
-from .figures import ANSWER_TYPES, mean_std, mean_std_cell, plot_finetune, plt, save_figure, seeds_text, write_table
+from .figures import (ANSWER_TYPES, machine, mean_std, mean_std_cell, plot_finetune, plt, save_figure, seeds_text,
+                      write_table)
 from .rows import LEVEL_KEYS
 
-MODES_ORDER = ["low_magnitude", "random", "high_magnitude"]
+MODES_ORDER = ["low_magnitude", "random", "high_magnitude", "original_high"]
 
 
 def lottery_result(cfg: Config, finetune: dict, rows: list[dict]) -> dict:
@@ -28,12 +29,15 @@ def lottery_result(cfg: Config, finetune: dict, rows: list[dict]) -> dict:
         row["accuracy_dense"] = seed["final"]["overall"]
         row["accuracy_blind"] = seed["blind"][valid]["overall"]
     return {
-        "experiment": cfg.experiment, "valid_split": valid, "schedule": cfg.lottery.schedule,
-        "scope": cfg.lottery.scope, "rewind_steps": cfg.lottery.rewind_steps, "prune_from": cfg.lottery.prune_from,
-        "seeds": list(cfg.seeds),
+        "experiment": cfg.experiment, "valid_split": valid, "test_splits": list(cfg.data.test),
+        "schedule": cfg.lottery.schedule, "scope": cfg.lottery.scope, "rewind_steps": cfg.lottery.rewind_steps,
+        "prune_from": cfg.lottery.prune_from, "seeds": list(cfg.seeds),
         "dense": {"accuracy": {"mean": round(float(np.mean(dense)), 4), "std": round(float(np.std(dense)), 4)},
                   "blind": {"mean": round(float(np.mean(blind)), 4), "std": round(float(np.std(blind)), 4)},
-                  "per_seed": {s: v["final"]["overall"] for s, v in finetune["seeds"].items()}},
+                  "per_seed": {s: v["final"]["overall"] for s, v in finetune["seeds"].items()},
+                  "tests": {s: v["tests"] for s, v in finetune["seeds"].items()},
+                  "blind_by_seed": {s: v["blind"] for s, v in finetune["seeds"].items()}},
+        "question_only": finetune.get("question_only", []),
         "rows": rows,
     }
 
@@ -55,15 +59,24 @@ def write_lottery(cfg: Config, result: dict) -> None:
     write_text(out / "lottery.csv", buf.getvalue())
     plot_lottery(result, out)
     header, body = lottery_table(result)
+    valid = result["valid_split"]
+    chosen = f"; {valid} also chose the fine-tuned weights pruned from: optimistic" \
+        if result.get("prune_from") == "best" else ""
     write_table(header, body, out / "lottery_table.md", out / "lottery_table.png",
-                f"{cfg.experiment}: retrained {result['valid_split']} accuracy (%), {seeds_text(result['seeds'])}, "
-                f"{cfg.lottery.schedule} {cfg.lottery.scope} pruning")
+                f"{cfg.experiment}: retrained {valid} accuracy (%), last epoch, {seeds_text(result['seeds'])}, "
+                f"{cfg.lottery.schedule} {cfg.lottery.scope} pruning{chosen}{machine(result)}")
+    for split in result.get("test_splits", []):
+        if any(split in r["tests"] for r in result["rows"]):
+            header, body = lottery_split_table(result, split)
+            write_table(header, body, out / f"lottery_{split}_table.md", out / f"lottery_{split}_table.png",
+                        f"{cfg.experiment}: {split} accuracy (%) of the best-on-{valid} weights, "
+                        f"{seeds_text(result['seeds'])}{machine(result)}")
     ft = out / "finetune.json"
     finetune = read_object(ft, ("seeds",), "finetune result") if ft.exists() else None
     header, body = lottery_type_table(result, finetune)
     write_table(header, body, out / "lottery_answer_types.md", out / "lottery_answer_types.png",
                 f"{cfg.experiment}: retrained {result['valid_split']} accuracy (%) by answer type, "
-                f"{seeds_text(result['seeds'])}")
+                f"{seeds_text(result['seeds'])}{machine(result)}")
 
 
 def redraw(cfg: Config) -> None:
@@ -146,7 +159,31 @@ def lottery_table(result: dict) -> tuple[list[str], list[list[str]]]:
         line += [mean_std([r["accuracy_retrained"] for r in at if r["mode"] == m]) for m in modes]
         body.append(line)
     blind = list({r["seed"]: r["accuracy_blind"] for r in rows}.values()) or [d["blind"]["mean"]]
-    body.append(["question-only", "-"] + [mean_std(blind)] * len(modes))
+    body.append(["question-only (bag of words)", "-"] + [mean_std(blind)] * len(modes))
+    lxmert = [q["final"][result["valid_split"]]["overall"] for q in result.get("question_only", [])]
+    if lxmert:
+        body.append(["question-only LXMERT", "-"] + [mean_std(lxmert)] * len(modes))
+    return header, body
+
+
+def lottery_split_table(result: dict, split: str) -> tuple[list[str], list[list[str]]]:
+    """Accuracy on a test split of every level's best-on-valid weights (the weights a study tests with), by
+    sparsity and mode, with the dense model's and both question-only models' (mean ± std over seeds)."""
+    rows = result["rows"]
+    modes = [m for m in MODES_ORDER if any(r["mode"] == m for r in rows)]
+    dense = [t[split]["overall"] for t in result["dense"].get("tests", {}).values() if split in t]
+    header = ["sparsity %"] + [m.replace("_", " ") for m in modes]
+    body = [["0 (dense)"] + [mean_std(dense)] * len(modes)] if dense else []
+    for level in sorted({r["target_sparsity"] for r in rows}):
+        body.append([f"{100 * level:g}"] + [mean_std([r["tests"][split]["overall"] for r in rows
+                                                      if r["mode"] == m and r["target_sparsity"] == level])
+                                             for m in modes])
+    blind = [b[split]["overall"] for b in result["dense"].get("blind_by_seed", {}).values() if split in b]
+    if blind:
+        body.append(["question-only (bag of words)"] + [mean_std(blind)] * len(modes))
+    lxmert = [q["best"][split]["overall"] for q in result.get("question_only", []) if split in q["best"]]
+    if lxmert:
+        body.append(["question-only LXMERT"] + [mean_std(lxmert)] * len(modes))
     return header, body
 
 
@@ -168,5 +205,7 @@ def lottery_type_table(result: dict, finetune: dict | None = None) -> tuple[list
             at = [r["retrained_by_type"] for r in rows if r["mode"] == mode and r["target_sparsity"] == level]
             body.append([mode.replace("_", " "), f"{100 * level:g}"] + cells(at))
     if seeds:
-        body.append(["question-only", "-"] + cells([s["blind"][valid] for s in seeds]))
+        body.append(["question-only (bag of words)", "-"] + cells([s["blind"][valid] for s in seeds]))
+    if result.get("question_only"):
+        body.append(["question-only LXMERT", "-"] + cells([q["final"][valid] for q in result["question_only"]]))
     return header, body

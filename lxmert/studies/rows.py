@@ -56,6 +56,20 @@ class DenseRow:
 
 
 @dataclass
+class QuestionOnlyRow:
+    """The study's model fine-tuned with the image removed (studies.dense.question_only_unit)."""
+
+    seed: int
+    loss: str
+    final: dict  # split -> accuracy of the last epoch's weights
+    best: dict  # split -> accuracy of the best-on-valid weights
+    best_epoch: int
+    splits: list
+    seconds: float
+    environment: Optional[dict] = None
+
+
+@dataclass
 class LevelRow:
     """One pruning level of one (seed, mode) of study A (studies.lottery)."""
 
@@ -111,3 +125,4 @@ class DebiasRow:
 
 
 DENSE_KEYS, LEVEL_KEYS, DEBIAS_KEYS = required(DenseRow), required(LevelRow), required(DebiasRow)
+QUESTION_ONLY_KEYS = required(QuestionOnlyRow)

@@ -32,6 +32,7 @@ from ..prune.prunable import prunable_tensors
 from ..train.checkpoints import load_weights
 from ..train.evaluation import accuracy, predict, predictions_json
 from .context import Context, init_settings
+from .debias import load_state, stage2_weights
 
 log = logging.getLogger("lxmert")
 
@@ -41,7 +42,7 @@ class Saved:
     """What a finished unit keeps: its weights, its mask (if any), its result row and settings."""
 
     name: str
-    weights: Path
+    weights: Path | dict  # a file, or the state rebuilt from what the unit kept
     mask: Optional[Path]
     result: Path
     settings: Path
@@ -70,16 +71,23 @@ def saved_unit(ctx: Context, name: str, which: str) -> Saved:
         units = _available(ctx)
         raise InputError(f"--unit {name}: no finished unit {folder} in experiment '{ctx.cfg.experiment}' (finished: "
                          f"{', '.join(units[:6]) or 'none'}{', ...' if len(units) > 6 else ''})")
-    if (folder / paths.PRUNED).exists():  # a study-B stage 2: the learned mask baked into both weights
-        weights = folder / (paths.BEST_PRUNED if which == "best" else paths.PRUNED)
-        run_folder = folder
+    weights: Path | dict
+    if (folder / paths.HEADS).exists():  # a study-B stage 2: its weights are rebuilt exactly when dropped
+        stage1 = ctx.paths.run(paths.stage1(int(name.split("/")[0].removeprefix("seed_")), name.split("/")[1]
+                                            .split("-")[0])).weights(ctx.cfg.debias.stage_start)
+        weights, run_folder = stage2_weights(stage1, folder, which), folder
     else:
         levels = [p for p in sorted(folder.glob("level_*")) if (p / paths.RUN).is_dir()]
         run_folder = levels[0] if not (folder / paths.RUN).is_dir() and len(levels) == 1 else folder
         weights = Run(run_folder / paths.RUN).weights(which)
-    if not weights.exists():
-        raise InputError(f"--unit {name}: its {which} weights {weights} are missing")
-    mask = run_folder / paths.MASK
+        if not weights.exists():
+            raise InputError(f"--unit {name}: its {which} weights were not kept (checkpoints.keep: minimal); to "
+                             f"get them back remove {run_folder / paths.RUN} and {result} and run the study again "
+                             "with checkpoints.keep=all: the unit retrains from its start with its mask and seed "
+                             "(the same weights on a CPU)")
+    mask = run_folder / (paths.BEST_MASK if (folder / paths.HEADS).exists() and which == "best" else paths.MASK)
+    if folder.name == "stage3":  # stage 3 trains under stage 2's final mask
+        mask = folder.parent / "stage2" / paths.MASK
     _check_made_like(ctx, name, _settings_of(folder, ctx.paths.models))
     kind = name.strip("/").split("/")[1] if "/" in name.strip("/") else ""
     study_a = kind == "dense" or kind.startswith(("iterative_", "oneshot_"))
@@ -100,7 +108,10 @@ def _check_made_like(ctx: Context, name: str, settings: Path) -> None:
 
 def _model(ctx: Context, saved: Saved) -> VQAModel:
     model = ctx.new_model(int(saved.name.split("/")[0].removeprefix("seed_")))
-    load_weights(model, saved.weights)
+    if isinstance(saved.weights, dict):
+        load_state(model, saved.weights, Path(saved.name))
+    else:
+        load_weights(model, saved.weights)
     return model
 
 
@@ -112,8 +123,9 @@ def _dataset(ctx: Context, split: str) -> VQADataset:
     if not path.exists():
         raise InputError(f"--split {split}: no question file {path}")
     data = ctx.data
-    loaded = load_split(path, data.tokenizer, data.vocab, data.store, ctx.cfg.data.max_seq_length)
-    return VQADataset(loaded, data.store, data.num_answers, data.qtype_index)
+    d = ctx.cfg.data
+    loaded = load_split(path, data.tokenizer, data.vocab, data.store, d.max_seq_length, d.special_tokens)
+    return VQADataset(loaded, data.store, data.num_answers, data.qtype_index, d.mask_padding)
 
 
 def evaluate_unit(cfg: Config, unit: str, splits: list[str], which: str = "best") -> dict[str, dict]:
@@ -127,7 +139,8 @@ def evaluate_unit(cfg: Config, unit: str, splits: list[str], which: str = "best"
         ds = _dataset(ctx, split)
         if not ds.split.has_labels:
             raise InputError(f"--split {split}: the split has no labels (use predict for a test-server split)")
-        out[split] = accuracy(ds, predict(model, ds, cfg.train.eval_batch_size, dist.device(), cfg.train.precision))
+        out[split] = accuracy(ds, predict(model, ds, cfg.train.eval_batch_size, dist.device(), cfg.train.precision,
+                                                cfg.data.num_workers))
     for split, acc in out.items():
         per_type = ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k not in ("overall", "questions"))
         log.info("%s (%s weights) on %s: %.2f (%s; %d questions)", unit, which, split, acc["overall"], per_type,
@@ -141,7 +154,8 @@ def predict_unit(cfg: Config, unit: str, split: str, out: Optional[str], which: 
     ctx = Context.load(cfg)
     saved = saved_unit(ctx, unit, which)
     ds = _dataset(ctx, split)
-    preds = predict(_model(ctx, saved), ds, cfg.train.eval_batch_size, dist.device(), cfg.train.precision)
+    preds = predict(_model(ctx, saved), ds, cfg.train.eval_batch_size, dist.device(), cfg.train.precision,
+                    cfg.data.num_workers)
     path = Path(out) if out else ctx.paths.predictions(unit) / f"{split}.json"
     if path.is_dir():
         raise InputError(f"--out {path}: is a folder; give the file to write")
@@ -170,7 +184,8 @@ def export_unit(cfg: Config, unit: str, out: str, overwrite: bool = False, which
     patterns = cfg.debias.prunable if saved.study_b else cfg.lottery.prunable
     report = measure_weights(model, prunable_tensors(model, patterns))
     row = read_json(saved.result, "unit result")
-    card = {"unit": unit, "experiment": cfg.experiment, "weights": which, "source": str(saved.weights),
+    source = str(saved.weights) if isinstance(saved.weights, Path) else f"{saved.name} (rebuilt from its masks)"
+    card = {"unit": unit, "experiment": cfg.experiment, "weights": which, "source": source,
             "sparsity": {"overall": report["overall"], "by_modality": report["by_modality"],
                          "prunable": report["prunable"], "prunable_set": list(patterns)},
             "accuracy": _recorded_accuracy(row, which, cfg.data.valid),

@@ -43,10 +43,11 @@ class Ticket:
 
 def retrain_ticket(ctx: Context, model: VQAModel, seed: int, folder: Path, prunable: list[PrunableTensor],
                    trained: Path, prune: Callable[[VQAModel], Mask], rewind: Path, loss: str, tag: str,
-                   record: Optional[dict] = None) -> Ticket:
+                   record: Optional[dict] = None, enforce: bool = True) -> Ticket:
     """Make (or read back) the mask `prune` builds from the `trained` weights, rewind to `rewind`, retrain
-    with the mask enforced (the train section's schedule and the given loss). Leaves the model at the
-    retrained final weights. `record` is written to level.json before the mask is made."""
+    with the mask enforced (the train section's schedule and the given loss; `enforce` false: applied once at
+    the rewind point only, as the original study). Leaves the model at the retrained final weights. `record`
+    is written to level.json before the mask is made."""
     load_weights(model, trained)
     mask_path = folder / paths.MASK
     if mask_path.exists():
@@ -63,5 +64,5 @@ def retrain_ticket(ctx: Context, model: VQAModel, seed: int, folder: Path, pruna
     apply_mask(model, mask)
     accuracy_rewound = ctx.valid_accuracy(model)
     spec = RunSpec(run=Run(folder / paths.RUN), seed=seed, tag=tag, loss=ctx.loss(loss, model, seed),
-                   schedule=Schedule.of(ctx.cfg), masks=mask)
+                   schedule=Schedule.of(ctx.cfg), masks=mask if enforce else None)
     return Ticket(mask, accuracy_pruned, accuracy_rewound, ctx.train(model, spec))

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core import distributed as dist
 from ..core.errors import InputError
-from ..core.files import file_sha256, load_tensors, read_object, tensor_metadata
+from ..core.files import file_sha256, load_tensors, read_object, remove_file, tensor_metadata
 from ..core.paths import Run
 
 SUMMARY_KEYS = ("history", "final", "best", "best_epoch", "steps")
@@ -25,6 +26,12 @@ def is_finished(run: Run) -> bool:
 def run_summary(run: Run) -> dict:
     """The summary of a finished run (history, final and best accuracy, best epoch, steps)."""
     return read_object(run.summary, SUMMARY_KEYS, "run summary")
+
+
+def drop_weights(run: Run, *which: str) -> None:
+    """Remove the 'best' and/or 'final' weights of a finished run (its summary stays: the run is still done)."""
+    for name in which:
+        remove_file(run.weights(name))
 
 
 def run_seed(seed: int, tag: str) -> int:
@@ -43,6 +50,20 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def resumed_rng(state: dict, seed: int, tag: str) -> dict:
+    """The RNG state a rank resumes with. A checkpoint holds every rank's state ('rngs', by rank); a job with
+    another number of ranks resumes each rank that was there with its own state, and a rank that was not
+    with a state seeded from (seed, run, rank) (the same global batches go on; dropout then differs from an
+    uninterrupted run, as it would with another rank count from the start). Checkpoints written before the
+    per-rank states were saved hold rank 0's only."""
+    states = state.get("rngs") or [state["rng"]]
+    if dist.rank() < len(states):
+        return states[dist.rank()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run_seed(seed, f"{tag} rank {dist.rank()}"))
+        return rng_state()
 
 
 def set_rng_state(state: dict) -> None:

@@ -17,6 +17,7 @@ resolved from the config when the spec is made (Schedule.of), never filled in he
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -53,6 +54,7 @@ from .checkpoints import (
     digests,
     is_finished,
     load_weights,
+    resumed_rng,
     rng_state,
     run_seed,
     run_summary,
@@ -60,6 +62,7 @@ from .checkpoints import (
     set_rng_state,
 )
 from .evaluation import autocast, evaluate, to_device
+from .optimizers import optimizer
 
 log = logging.getLogger("lxmert")
 
@@ -73,13 +76,16 @@ class Schedule:
     grad_accum: int
     lr: float
     weight_decay: float
+    optimizer: str
     warmup: float
     clip: float
     precision: str
     compile: bool
     eval_batch_size: int
     save_every_steps: int
+    log_every: int
     num_workers: int
+    prefetch_factor: int
 
     @classmethod
     def of(cls, cfg: Config, **stage) -> "Schedule":
@@ -87,9 +93,10 @@ class Schedule:
         (e.g. DebiasConfig.stage2_schedule())."""
         t = cfg.train
         return replace(cls(epochs=t.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
-                           weight_decay=t.weight_decay, warmup=t.warmup, clip=t.clip, precision=t.precision,
+                           weight_decay=t.weight_decay, optimizer=t.optimizer, warmup=t.warmup, clip=t.clip, precision=t.precision,
                            compile=t.compile, eval_batch_size=t.eval_batch_size,
-                           save_every_steps=t.save_every_steps, num_workers=cfg.data.num_workers), **stage)
+                           save_every_steps=t.save_every_steps, log_every=t.log_every,
+                           num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor), **stage)
 
 
 @dataclass
@@ -119,32 +126,14 @@ class _Objective(nn.Module):
         return self.loss(logits.float(), batch["target"], pooled.float(), batch["qtype"])
 
 
-def _decays(name: str, p: nn.Parameter) -> bool:
-    """Weight decay on matrices only: not biases, LayerNorms, or mask scores (decay would pull kept
-    scores under the mask threshold regardless of the loss)."""
-    return p.ndim >= 2 and not any(k in name for k in ("LayerNorm", "layer_norm", "scores"))
-
-
-def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    decay = [p for n, p in named if _decays(n, p)]
-    other = [p for n, p in named if not _decays(n, p)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-
-
-def adamw(params, lr: float, device: torch.device, weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel on CPU and CUDA: one kernel for all tensors instead of a Python loop
-    over them (the embedded model has ~170 tensors; the unfused loop makes bench/training.py's tiny step
-    13 % slower on one CPU thread, docs/PERFORMANCE.md). Same update rule, other rounding."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
-
-
-def _optimizer(objective: _Objective, spec: RunSpec, device: torch.device) -> torch.optim.AdamW:
+def _optimizer(objective: _Objective, spec: RunSpec, device: torch.device) -> torch.optim.Optimizer:
     if spec.params is not None:
         ids = {id(p) for p in spec.params}
         named = [(n, p) for n, p in objective.named_parameters() if id(p) in ids]
     else:
         named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
-    return adamw(param_groups(named, spec.schedule.weight_decay), spec.schedule.lr, device)
+    s = spec.schedule
+    return optimizer(s.optimizer, named, s.lr, s.weight_decay, device)
 
 
 class Trainer:
@@ -169,19 +158,23 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and s.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.loss_sum, self.loss_count = 0.0, 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # losses not yet read on the host
         self.history: list[dict] = []
         self.best = -1.0
         self.runner = self._wrap()
 
     def _wrap(self) -> nn.Module:
+        """DDP around the objective, then torch.compile around that (PyTorch's order for DDP: the compiler
+        splits the graph at DDP's bucket boundaries so communication overlaps the backward pass)."""
         runner: nn.Module = self.objective
-        if self.schedule.compile and self.device.type == "cuda":
-            runner = torch.compile(runner)
         if dist.active():
             ids = [self.device.index] if self.device.type == "cuda" else None
             # The pooled output never uses the vision half of the last cross layer: those parameters
             # get no gradient, which DDP must be told about.
             runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids, find_unused_parameters=True)
+        self.ddp = runner if dist.active() else None
+        if self.schedule.compile and self.device.type == "cuda":
+            runner = torch.compile(runner)
         return runner
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -192,6 +185,8 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Publish the state as one new folder ckpt-<step>, then drop the older ones. Saving changes nothing
         the run computes: a run checkpointed every step ends with the same weights as one never checkpointed."""
+        self._flush()  # a diverged loss is found before its weights are saved
+        states = dist.gather(rng_state())
         if not dist.is_main():
             return
         with atomic_folder(self.run.checkpoint(self.step, self.epoch, self.batch_in_epoch), overwrite=True) as tmp:
@@ -200,7 +195,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "history": self.history, "best": self.best,
-                "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": rng_state(),
+                "loss_sum": self.loss_sum, "loss_count": self.loss_count, "rng": states[0], "rngs": states,
                 "masked": sorted(self.spec.masks or {})})
             write_json(tmp / "manifest.json", {"step": self.step, "files": digests(tmp)})
         for old in self.run.checkpoints()[:-1]:
@@ -224,7 +219,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history, self.best = list(state["history"]), state["best"]
         self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
-        set_rng_state(state["rng"])
+        set_rng_state(resumed_rng(state, self.spec.seed, self.spec.tag))
         if dist.is_main():
             for old in found[:-1]:  # a kill between publishing a checkpoint and removing the older ones
                 remove_tree(old)
@@ -262,7 +257,7 @@ class Trainer:
             self.epoch = epoch
             started = time.time()
             loss = self._epoch()
-            acc = evaluate(self.model, self.valid, s.eval_batch_size, self.device, s.precision)
+            acc = evaluate(self.model, self.valid, s.eval_batch_size, self.device, s.precision, s.num_workers)
             record = {"epoch": epoch + 1, "step": self.step, "loss": loss, "valid": acc,
                       "seconds": round(time.time() - started, 2)}
             self.history.append(record)
@@ -285,7 +280,7 @@ class Trainer:
     def _epoch(self) -> float:
         s = self.schedule
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-        batches = loader(self.train, self.sampler, s.num_workers, self.device.type == "cuda")
+        batches = loader(self.train, self.sampler, s.num_workers, self.device.type == "cuda", s.prefetch_factor)
         self.objective.train()
         # Gradients of a last, incomplete accumulation group are dropped, never carried into the next
         # epoch: a checkpoint at the epoch's end does not hold them, so carrying them would break resuming.
@@ -294,24 +289,39 @@ class Trainer:
             self.loss_sum, self.loss_count = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=quiet(), leave=False)
         for batch in bar:
+            index = batch["index"]
             batch = to_device(batch, self.device)
-            with autocast(self.device, s.precision):
-                loss = self.runner(batch)
-            value = loss.item()  # the step's one host sync: divergence check and running mean
-            if not math.isfinite(value):
-                raise TrainingDiverged(self._diverged(value, batch))
-            self.scaler.scale(loss / s.grad_accum).backward()
+            last = (self.batch_in_epoch + 1) % s.grad_accum == 0
+            # DDP all-reduces the gradients of the last micro-step of an accumulation group only
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with autocast(self.device, s.precision):
+                    loss = self.runner(batch)
+                self.scaler.scale(loss / s.grad_accum).backward()
+            self.pending.append((loss.detach(), index, self.step + 1))  # read on the host every log_every steps
             self.batch_in_epoch += 1
-            self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
-            if self.batch_in_epoch % s.grad_accum == 0:
+            if last:
                 self._optimizer_step()
-                bar.set_postfix(loss=f"{self.loss_sum / self.loss_count:.3f}")
+                if self.step % s.log_every == 0:
+                    self._flush()
+                    bar.set_postfix(loss=f"{self.loss_sum / max(self.loss_count, 1):.3f}")
+        self._flush()
         return round(dist.mean(self.loss_sum / max(self.loss_count, 1)), 6)
 
-    def _diverged(self, value: float, batch: dict) -> str:
+    def _flush(self) -> None:
+        """The one host sync of the losses since the last: the running mean, and divergence named by its step."""
+        if not self.pending:
+            return
+        values = torch.stack([loss for loss, _, _ in self.pending]).float().cpu().tolist()
+        for value, (_, index, step) in zip(values, self.pending):
+            if not math.isfinite(value):
+                raise TrainingDiverged(self._diverged(value, index, step))
+        self.loss_sum, self.loss_count = self.loss_sum + sum(values), self.loss_count + len(values)
+        self.pending = []
+
+    def _diverged(self, value: float, index: torch.Tensor, step: int) -> str:
         """The divergence message: where, which inputs were not finite (if any), what is kept."""
-        text = f"{self.spec.tag}: loss became {value} at step {self.step + 1} (epoch {self.epoch + 1})"
-        bad = _non_finite_inputs(batch, self.train)
+        text = f"{self.spec.tag}: loss became {value} at step {step} (epoch {self.epoch + 1})"
+        bad = _non_finite_inputs(self.train.batch(index.tolist()), self.train)
         if bad:
             text += f"; the batch holds non-finite inputs: {bad}"
         found = self.run.checkpoints()
@@ -356,6 +366,11 @@ def train_run(model: nn.Module, train: VQADataset, valid: VQADataset, spec: RunS
     """Run (or resume, or skip) one training run; leaves the model at the final weights read back from disk
     (exactly what a resumed or skipped run uses)."""
     summary = Trainer(model, train, valid, spec).fit()
+    if not spec.run.final.exists():
+        raise InputError(f"{spec.run.folder}: the run is finished but its weights were not kept (checkpoints.keep: "
+                         f"minimal), and they are needed again (a split added to the experiment?); remove "
+                         f"{spec.run.folder} and run again with checkpoints.keep=all to retrain it from its start "
+                         "(the same weights on a CPU)")
     load_weights(model, spec.run.final)
     return summary
 
