@@ -196,7 +196,8 @@ def plan_debias(cfg: Config, counts: dict[str, int], s: Sizes) -> list[Cost]:
                 e2, e3 = dc.stage2_epochs, dc.stage3_epochs if dc.stage3 else 0
                 compact = 2 * s.mask() + 2 * 4 * s.head
                 stage2 = _run_bytes(s, trained=s.prunable + s.head, extra=scores) + 2 * s.weights()
-                stage3 = _run_bytes(s) if dc.stage3 else 0
+                # stage 3 runs beside stage 2's run (best and final weights with scores), released with the unit
+                stage3 = _run_bytes(s) + 2 * (s.weights() + scores) if dc.stage3 else 0
                 keep = compact if minimal else compact + 2 * (s.weights() + scores) + 2 * s.weights() + \
                     (2 * s.weights() if dc.stage3 else 0)
                 out.append(Cost(p.name, "stage 2 + 3" if dc.stage3 else "stage 2", e2 + e3, train * (e2 + e3),
