@@ -60,12 +60,12 @@ def test_rows_cover_the_grid(study):
     epochs = {r["stage"]: r["epochs"] for r in result["rows"]}
     assert epochs == {"full": 1, "stage2": 2, "stage3": 3, "control": 3, "lottery": 2}, "same compute as stage 3"
     md = (folder / "result" / "cp_tiny" / "debias_table.md").read_text()
-    assert "| question-only bce |" in md and "| question-only lpf |" in md and "± 0.00" not in md
+    assert "| question-only (bag of words) bce |" in md and "| question-only (bag of words) lpf |" in md and "± 0.00" not in md
     types = (folder / "result" / "cp_tiny" / "debias_answer_types.md").read_text()
     assert "| setting | stage | target sparsity % | test yes/no | test number | test other | cp_test yes/no |" in types
     bce = [r for r in result["rows"] if r["setting"] == "bce" and r["stage"] == "full"]
     assert f"| bce | full | 0 | {bce[0]['final']['test']['yes/no']:.2f} |" in types  # one seed: its value
-    assert "| question-only lpf | - | - |" in types
+    assert "| question-only (bag of words) lpf | - | - |" in types
     for name in ("debias_table.md", "debias_table.png", "debias_answer_types.md", "debias_answer_types.png",
                  "debias_cp_test.png", "debias_test.png"):
         assert (folder / "result" / "cp_tiny" / name).stat().st_size > 0
@@ -151,7 +151,8 @@ def test_vqa_vs_score_is_the_mean_of_the_ood_sets():
     header, body = debias_table({"test_splits": list(tests), "valid_split": "val", "rows": [row]})
     assert header[-2:] == ["ood_mean final", "ood_mean best"]
     assert body[0][-2:] == ["52.00", "52.00"]
-    assert body[-1][0] == "question-only bce" and body[-1][-2] == "26.00"  # question-only, same mean
+    blind = [line for line in body if line[0] == "question-only (bag of words) bce"]
+    assert len(blind) == 1 and blind[0][-2] == "26.00"  # question-only, same mean
 
 
 def test_answer_type_table_is_per_type_mean_over_seeds():
@@ -167,7 +168,7 @@ def test_answer_type_table_is_per_type_mean_over_seeds():
                                       "rows": [row(0, 30.0, 60.0), row(1, 40.0, 64.0)]})
     assert header == ["setting", "stage", "target sparsity %", "cp_test yes/no", "cp_test number", "cp_test other"]
     assert body[0] == ["lmh", "full", "0", "35.00 ± 5.00", "10.00 ± 0.00", "62.00 ± 2.00"]
-    assert body[1] == ["question-only lmh", "-", "-", "1.00 ± 0.00", "2.00 ± 0.00", "-"]  # no 'other' questions
+    assert body[1] == ["question-only (bag of words) lmh", "-", "-", "1.00 ± 0.00", "2.00 ± 0.00", "-"]  # no 'other' questions
 
 
 def test_checkpoints_change_no_mask_and_no_row(embedded_root, tmp_path, monkeypatch):

@@ -115,7 +115,7 @@ def test_study_b_reports_the_question_only_lxmert_and_the_prior_rules(tmp_path, 
     assert set(result["priors"]) == {INVERTED, ORACLE} and "cp_test" in result["priors"][ORACLE]
     table = (tmp_path / "result/b/debias_table.md").read_text()
     for line in ("| question-only LXMERT bce |", f"| prior: {INVERTED} |", f"| prior: {ORACLE} |",
-                 "| question-only bag of words bce |"):
+                 "| question-only (bag of words) bce |"):
         assert line in table
     types = (tmp_path / "result/b/debias_answer_types.md").read_text()
     assert f"| prior: {ORACLE} | - | - | {result['priors'][ORACLE]['cp_test']['yes/no']:.2f} |" in types

@@ -29,7 +29,7 @@ def test_result_files(lottery_run):
     workdir, _, _ = lottery_run
     out = workdir / "result" / "tiny"
     expected = {"lottery.json", "lottery.csv", "lottery_table.md", "lottery_table.png", "lottery_all.png",
-                "lottery_answer_types.md", "lottery_answer_types.png",
+                "lottery_answer_types.md", "lottery_answer_types.png", "lottery_test_table.md", "lottery_test_table.png",
                 "finetune.json", "finetune.png", "predictions", ".tables.lock"}
     expected |= {f"lottery_{m}.png" for m in MODES}
     assert {p.name for p in out.iterdir()} == expected
@@ -106,7 +106,7 @@ def test_csv_and_table_come_from_the_json(lottery_run):
             in types)
     dense = read_json(out / "finetune.json")["seeds"]["0"]
     assert f"| dense | 0 | {dense['final']['yes/no']:.2f} |" in types
-    assert f"| question-only | - | {dense['blind']['minival']['yes/no']:.2f} |" in types
+    assert f"| question-only (bag of words) | - | {dense['blind']['minival']['yes/no']:.2f} |" in types
 
 
 def test_masks_nest_match_the_weights_and_prune_the_dense_model(lottery_run, tiny_data):
@@ -217,8 +217,9 @@ def test_initial_weights_made_with_other_settings_are_refused(lottery_run, tmp_p
     monkeypatch.chdir(work)
     init = work / "models" / "tiny" / "seed_0" / "init.safetensors"
     assert json.loads(tensor_metadata(init)["settings"])["model.answer_prior"] is None
-    for unit in ("dense", "iterative_global"):
-        shutil.rmtree(init.parent / unit)
+    for unit in init.parent.iterdir():  # every unit of the seed (dense, question-only, the modes), not init
+        if unit.is_dir():
+            shutil.rmtree(unit)
     monkeypatch.setattr(trainer.Trainer, "_epoch", lambda self: pytest.fail("no work may start"))
     changed = tiny_config(cfg.data.root, extra=LOTTERY_EXTRA + ["model.answer_prior=0.01"])
     with pytest.raises(InputError, match=r"seed_0/init.safetensors: initial weights made under other settings "

@@ -92,7 +92,7 @@ def debias_table(result: dict) -> tuple[list[str], list[list[str]]]:
         line += [mean_std([_overall(r[kind], t) for r in group]) for t in tests for kind in ("final", "best")]
         body.append(line)
     for loss, accs in blind_rows(result).items():
-        body.append([f"question-only bag of words {loss}", "-", "-", "-", "-",
+        body.append([f"question-only (bag of words) {loss}", "-", "-", "-", "-",
                      mean_std([_overall(a, valid) for a in accs])]
                     + [mean_std([_overall(a, t) for a in accs]) if kind == "final" else "-"
                        for t in tests for kind in ("final", "best")])
@@ -126,7 +126,7 @@ def answer_type_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
     body = [[setting, stage, _target_text(group[0]["target_sparsity"])] + cells([r["final"] for r in group])
             for (setting, stage, _), group in _ordered_groups(result)]
-    body += [[f"question-only bag of words {loss}", "-", "-"] + cells(accs) for loss, accs in blind_rows(result).items()]
+    body += [[f"question-only (bag of words) {loss}", "-", "-"] + cells(accs) for loss, accs in blind_rows(result).items()]
     body += [[f"question-only LXMERT {loss}", "-", "-"] + cells([r["final"] for r in rows])
              for loss, rows in result.get("question_only", {}).items()]
     body += [[f"prior: {rule}", "-", "-"] + [_rule_cell(accs, t, kind) for t in tests for kind in ANSWER_TYPES]
@@ -170,7 +170,7 @@ def plot_debias(result: dict, split: str, path: Path) -> None:
         ax.axhline(_point(g, split)[1], ls=ls, lw=1, color=colors[(len(settings) + j) % len(colors)], label=label)
     for loss, accs in blind_rows(result).items():
         ax.axhline(float(np.mean([_overall(a, split) for a in accs])), ls="--", lw=1, color="grey",
-                   label=f"question-only bag of words {loss}")
+                   label=f"question-only (bag of words) {loss}")
     for loss, rows in result.get("question_only", {}).items():
         ax.axhline(float(np.mean([_overall(r["final"], split) for r in rows])), ls=":", lw=1, color="dimgrey",
                    label=f"question-only LXMERT {loss}")
