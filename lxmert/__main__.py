@@ -36,9 +36,11 @@ COMMANDS = {
     "debias": "compress-and-debias study: stage 1 / 2 / 3 grid",
     "plots": "redraw plots and tables from the JSON results of the config's experiment",
     "plan": "the config's units, epochs, samples, GPU-hours and disk, without running anything",
-    "evaluate": "accuracy of a finished unit (--unit) on the config's splits or the --split ones",
+    "evaluate": "accuracy of a finished unit (--unit) or a compact export (--exported) on the config's splits or "
+                "the --split ones",
     "predict": "a test-server submission (EvalAI format) of a finished unit (--unit) for --split, to --out",
-    "export": "a finished unit (--unit) as a folder transformers loads, with its mask and a model card (--out)",
+    "export": "a finished unit (--unit) as a folder transformers loads, with its mask and a model card (--out); "
+              "--compact: physically smaller (heads and neurons removed)",
     "keys": "list every config key with its default and help",
 }
 STUDIES = ("finetune", "lottery", "debias")
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate / predict / export: the best-on-valid weights (default) or the last epoch's")
     parser.add_argument("--out", help="predict: the submission file; export: the folder")
     parser.add_argument("--overwrite", action="store_true", help="export: replace a non-empty --out folder")
+    parser.add_argument("--compact", action="store_true", help="export: remove the heads and neurons whose weights "
+                                                               "are all zero (matrices shrunk; loads with --exported)")
+    parser.add_argument("--exported", help="evaluate / predict: a compact export (export --compact) instead of --unit")
     parser.add_argument("--samples-per-second", type=float, help="plan: training throughput (default: the target "
                                                                   "of docs/PERFORMANCE.md, 2,500 on one H100)")
     parser.add_argument("--processes", type=int, default=1, help="plan: units running at once (for the disk peak)")
@@ -138,8 +143,15 @@ def _study_of(config: str | None) -> str:
 
 def _check_unit_options(args: argparse.Namespace) -> None:
     """The options of the unit commands, before any work."""
-    if args.command in UNIT_COMMANDS and not args.unit:
-        raise InputError(f"{args.command} needs --unit (a finished unit, e.g. seed_0/dense)")
+    if args.command in UNIT_COMMANDS and not args.unit and not (args.exported and args.command != "export"):
+        raise InputError(f"{args.command} needs --unit (a finished unit, e.g. seed_0/dense)"
+                         + ("" if args.command == "export" else " or --exported (a compact export)"))
+    if args.exported and (args.unit or args.command not in ("evaluate", "predict")):
+        raise InputError("--exported (a compact export) is an option of evaluate and predict, instead of --unit")
+    if args.compact and args.command != "export":
+        raise InputError(f"--compact is an option of export, not of {args.command}")
+    if args.command == "predict" and args.exported and not args.out:
+        raise InputError("predict --exported needs --out (the submission file to write)")
     if args.command == "export" and not args.out:
         raise InputError("export needs --out (the folder to write)")
     if args.command == "predict" and len(args.split) != 1:
@@ -166,11 +178,11 @@ def _run(args: argparse.Namespace, cfg) -> None:
     if args.command in UNIT_COMMANDS:
         saved = _module("studies.saved")
         if args.command == "evaluate":
-            print(json.dumps(saved.evaluate_unit(cfg, args.unit, args.split, args.weights), indent=1))
+            print(json.dumps(saved.evaluate_unit(cfg, args.unit, args.split, args.weights, args.exported), indent=1))
         elif args.command == "predict":
-            saved.predict_unit(cfg, args.unit, args.split[0], args.out, args.weights)
+            saved.predict_unit(cfg, args.unit, args.split[0], args.out, args.weights, args.exported)
         else:
-            saved.export_unit(cfg, args.unit, args.out, args.overwrite, args.weights)
+            saved.export_unit(cfg, args.unit, args.out, args.overwrite, args.weights, args.compact)
         return
     module, function = RUNNERS[args.command]
     getattr(_module(module), function)(cfg)

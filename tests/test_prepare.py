@@ -11,12 +11,10 @@ from lxmert.data.features import FeatureStore, StoreWriter
 from lxmert.data.prepare import (
     VQAVS_OOD,
     Carve,
-    ImageNamer,
     RawSplit,
     main,
     prepare_features,
     prepare_questions,
-    vqavs_layout,
 )
 
 R, D = 36, 8

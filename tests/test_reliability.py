@@ -339,8 +339,8 @@ def test_output_folder_that_cannot_be_written_is_refused_before_work(embedded_ro
     monkeypatch.chdir(tmp_path)
     (tmp_path / "result").write_text("a file where the result folder goes")
     code, lines = _main(["finetune", *_bad_config(tmp_path, embedded_root)], capsys)
-    assert code == 2 and lines == [f"error: cannot write to result/tiny: result is not a folder; fix the permissions "
-                                   f"or run elsewhere"]
+    assert code == 2 and lines == ["error: cannot write to result/tiny: result is not a folder; fix the permissions "
+                                   "or run elsewhere"]
     (tmp_path / "result").unlink()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == "." else real_access(p, mode))

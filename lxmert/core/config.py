@@ -81,6 +81,7 @@ NAME_RULE = "letters, digits, '_', '-', '.' not starting with '.' (not a path)"
 TEST_SPLIT = re.compile(r"test|^ood_")
 MAX_SEED = 2**31 - 1
 PRUNING_MODES = ("low_magnitude", "random", "high_magnitude", "original_high")
+STRUCTURES = ("weights", "heads", "neurons", "n_m")  # lottery.granularity (prune/structure.py GRANULARITIES)
 
 
 def level_name(level: float) -> str:
@@ -265,6 +266,17 @@ class LotteryConfig:
     prunable: list = _f(list(PRUNABLE_DEFAULT), "the prunable set: glob patterns over the names of the model's "
                         "Linear and Embedding weights (modeling.prunable_tensors); biases and LayerNorms never match",
                         lambda v: _names(v, allow_empty=False), "a non-empty list of name patterns")
+    granularity: str = _f("weights", "what a level removes (prune/structure.py): 'weights' (unstructured), 'heads' "
+                          "(attention heads: a level is the fraction of heads removed), 'neurons' (feed-forward "
+                          "neurons, likewise) or 'n_m' (round(level x lottery.group) weights of every group of "
+                          "lottery.group along the input dimension: level 0.5 is 2:4); sparsity is measured from "
+                          "the weights in every case", lambda v: v in STRUCTURES, f"one of {', '.join(STRUCTURES)}")
+    importance: str = _f("magnitude", "heads / neurons: a unit's importance, 'magnitude' (root mean square of its "
+                         "weights) or 'gradient' (Michel et al. 2019: E|dL/d gate|, normalised per module)",
+                         lambda v: v in ("magnitude", "gradient"), "one of magnitude, gradient")
+    importance_batches: int = _f(8, "gradient importance: training batches (train.batch_size questions each, a "
+                                 "seeded sample) it is averaged over", _upto(100000), "in [1, 100,000]")
+    group: int = _f(4, "n_m: the group size M (levels must be multiples of 1/M)", _upto(64), "in [1, 64]")
 
 
 MODALITIES = ("language", "vision", "cross", "pooler")
@@ -607,6 +619,26 @@ def _cross_checks(config: Config, source: str) -> None:
     if "original_high" in config.lottery.modes and config.lottery.schedule != "oneshot":
         raise ConfigError(f"{source}: key 'lottery.modes': original_high prunes each level from the dense model, as "
                           "the original study (lottery.schedule: oneshot)")
+    lc = config.lottery
+    if lc.granularity != "weights":
+        if "original_high" in lc.modes:
+            raise ConfigError(f"{source}: key 'lottery.modes': original_high is defined for single weights only "
+                              f"(lottery.granularity {lc.granularity})")
+        if lc.scope == "survivors":
+            raise ConfigError(f"{source}: key 'lottery.scope': survivors rounds are defined for single weights only; "
+                              f"use global or layer with lottery.granularity {lc.granularity}")
+        if lc.prune_all_parameters:
+            raise ConfigError(f"{source}: key 'lottery.prune_all_parameters': structured granularities prune weight "
+                              "matrices only")
+    if lc.granularity == "n_m":
+        if lc.importance != "magnitude":
+            raise ConfigError(f"{source}: key 'lottery.importance': N:M masks rank weights by magnitude "
+                              "(gradient importance is for heads and neurons)")
+        bad = [x for x in lc.levels if abs(round(x * lc.group) - x * lc.group) > 1e-6]
+        if bad:
+            raise ConfigError(f"{source}: key 'lottery.levels': {bad} not multiples of 1/{lc.group} (lottery.group); "
+                              f"an N:M mask prunes a whole number of weights per group, e.g. "
+                              f"{[round(k / lc.group, 4) for k in range(1, lc.group)]}")
     if not config.debias.sparsities and not config.debias.modality_sparsities:
         raise ConfigError(f"{source}: keys 'debias.sparsities' and 'debias.modality_sparsities' are both empty: "
                           "stages 2 and 3 would be skipped")

@@ -12,7 +12,8 @@ result/<experiment>/                      tables, plots, result JSON
 Unit names are paths relative to models/<experiment>/ and name the unit's predictions folder too:
   seed_<s>/dense                                        study A's dense fine-tune
   seed_<s>/question_only_<loss>                         the same model fine-tuned with the image removed
-  seed_<s>/<schedule>_<scope>/<mode>[/level_<pct>]      study A's pruning chain (iterative) or level (one-shot)
+  seed_<s>/<schedule>_<scope>[<tag>]/<mode>[/level_<pct>]  study A's pruning chain (iterative) or level (one-shot);
+                                                        <tag> names a structured granularity (structure_tag)
   seed_<s>/stage1_<loss>                                study B, stage 1
   seed_<s>/<s1>-<s2>/<sparsity>                         study B, stages 2 and 3 (stage2/, stage3/)
   seed_<s>/control_<s1>-<s2>                            study B, same-compute dense control
@@ -132,8 +133,18 @@ def dense(seed: int) -> str:
     return f"{seed_name(seed)}/dense"
 
 
-def chain(seed: int, schedule: str, scope: str, mode: str) -> str:
-    return f"{seed_name(seed)}/{schedule}_{scope}/{mode}"
+def structure_tag(granularity: str, importance: str = "magnitude", group: int = 4) -> str:
+    """What names a structured study A apart from the unstructured one, in its chain folders and result files:
+    '' (weights), '_heads' / '_neurons' (+ '_gradient' for Michel et al.'s importance), '_nm<M>' (N:M)."""
+    if granularity == "weights":
+        return ""
+    if granularity == "n_m":
+        return f"_nm{group}"
+    return f"_{granularity}" + ("_gradient" if importance == "gradient" else "")
+
+
+def chain(seed: int, schedule: str, scope: str, mode: str, tag: str = "") -> str:
+    return f"{seed_name(seed)}/{schedule}_{scope}{tag}/{mode}"
 
 
 def level(chain_name: str, level_value: float) -> str:

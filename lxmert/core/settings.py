@@ -29,7 +29,7 @@ RECORDED_SINCE = {"lottery.scope": "layer", "model.answer_prior": None, "pretrai
                   "blind.lr": 2e-3, "blind.batch_size": 256, "train.optimizer": "adamw", "train.dense_seed": None,
                   "lottery.enforce_masks": True, "lottery.prune_all_parameters": False,
                   "lottery.original_high_level": "named", "data.special_tokens": True, "data.mask_padding": True,
-                  "model.head": "lxmert", "debias.stage_start": "final"}
+                  "model.head": "lxmert", "debias.stage_start": "final", "lottery.granularity": "weights"}
 
 
 def model_keys() -> list[str]:

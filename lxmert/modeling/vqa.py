@@ -147,6 +147,15 @@ def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
     return cls(config)
 
 
+def model_from_config(family: str, encoder_config: dict, num_answers: int, head: str) -> VQAModel:
+    """An untrained model with an encoder of this transformers config (a dict, as config.json holds it): the
+    skeleton a saved state loads into."""
+    from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBertModel
+
+    cfg_cls, cls = (LxmertConfig, LxmertModel) if family == "lxmert" else (VisualBertConfig, VisualBertModel)
+    return VQAModel(cls(cfg_cls.from_dict(encoder_config)), family, num_answers, head)
+
+
 _SAID_RANDOM: set[str] = set()
 _SAID_NO_HEAD: set[str] = set()
 _SAID_UNCHECKED: set[str] = set()  # heads without an answer digest, warned about once per process

@@ -43,7 +43,7 @@ from ..modeling.losses import make_loss, question_type_prior
 from ..modeling.vqa import VQAModel, build_model, check_inputs
 from ..train.blind import train_blind
 from ..train.checkpoints import run_seed, seed_everything
-from ..train.evaluation import accuracy, predict, predictions_json
+from ..train.evaluation import accuracy, predict, predictions_json, to_device
 from ..train.trainer import RunSpec, train_run
 
 log = logging.getLogger("lxmert")
@@ -155,6 +155,22 @@ class Context:
                 out[name] = accuracy(ds, predict(model, ds, self.cfg.train.eval_batch_size, dist.device(),
                                                  self.cfg.train.precision, self.cfg.data.num_workers))
         return out
+
+    def importance_batches(self, model: VQAModel, seed: int, count: int, loss: str
+                           ) -> tuple[list[dict], Callable[[dict], torch.Tensor]]:
+        """`count` training batches of train.batch_size questions, a sample seeded by (seed, 'importance'), and
+        the study's loss of the model on a batch (what gradient importance averages)."""
+        train, size = self.data.train, self.cfg.train.batch_size
+        order = np.random.default_rng([seed, 7]).permutation(len(train))[:count * size]
+        batches = [train.batch(sorted(order[i:i + size].tolist())) for i in range(0, len(order), size)]
+        criterion = self.loss(loss, model, seed)
+        device = dist.device()
+
+        def loss_of(batch: dict) -> torch.Tensor:
+            batch = to_device(batch, device)
+            logits, pooled = model(batch)
+            return criterion(logits.float(), batch["target"], pooled.float(), batch["qtype"])
+        return batches, loss_of
 
     def valid_accuracy(self, model: VQAModel) -> float:
         return self.evaluate(model, [self.cfg.data.valid])[self.cfg.data.valid]["overall"]

@@ -34,6 +34,7 @@ from ..modeling.vqa import VQAModel
 from ..prune.magnitude import check_level, prune
 from ..prune.masks import full_mask, load_mask_for, measure_weights
 from ..prune.prunable import PrunableTensor, prunable_tensors
+from ..prune.structure import check_granularity, gradient_importance, prune_n_m, prune_structured, structure_groups
 from ..train.checkpoints import drop_weights, load_weights
 from .context import Context, tables_lock
 from .dense import study_a_units, write_finetune
@@ -51,7 +52,8 @@ class LotteryChain:
     def __init__(self, ctx: Context, seed: int, mode: str):
         self.ctx, self.seed, self.mode = ctx, seed, mode
         lc = ctx.cfg.lottery
-        self.name = paths.chain(seed, lc.schedule, lc.scope, mode)
+        self.name = paths.chain(seed, lc.schedule, lc.scope, mode, paths.structure_tag(lc.granularity, lc.importance,
+                                                                                      lc.group))
         self.folder = ctx.paths.unit(self.name)
         self.dense_run = ctx.paths.run(paths.dense(seed))
 
@@ -80,6 +82,7 @@ class LotteryChain:
         lc = self.ctx.cfg.lottery
         sizes = [self.model.get_parameter(t.name).numel() for t in self.prunable]
         check_level(sizes, max(lc.levels), lc.scope, "lottery.levels")
+        check_granularity(self.model, self.prunable, lc.granularity, lc.group)
         self.check_parents()
 
     def check_parents(self) -> None:
@@ -97,10 +100,32 @@ class LotteryChain:
                                      f"(experiment=NEW_NAME)")
 
     def settings(self) -> dict:
+        lc = self.ctx.cfg.lottery
         keys = DATA_KEYS + model_keys() + TRAIN_KEYS + ["lottery.schedule", "lottery.scope", "lottery.rewind_steps",
                                                         "lottery.prune_from", "lottery.prunable", "lottery.enforce_masks",
-                                                        "lottery.prune_all_parameters", "lottery.original_high_level"]
+                                                        "lottery.prune_all_parameters", "lottery.original_high_level",
+                                                        "lottery.granularity"]
+        if lc.granularity in ("heads", "neurons"):
+            keys += ["lottery.importance"] + (["lottery.importance_batches"] if lc.importance == "gradient" else [])
+        elif lc.granularity == "n_m":
+            keys += ["lottery.group"]
         return unit_settings(self.ctx.cfg, keys)
+
+    def prune(self, model: VQAModel, current: Mask, level: float) -> Mask:
+        """The level's mask from the trained weights in `model` (studies.tickets calls it once per level)."""
+        cfg, lc, prunable = self.ctx.cfg, self.ctx.cfg.lottery, self.prunable
+        if lc.granularity == "weights":
+            return prune(self.mode, model, prunable, current, level, lc.scope, seed=self.seed, salt=level,
+                         mirrored=lc.original_high_level == "mirrored")
+        if lc.granularity == "n_m":
+            return prune_n_m(self.mode, model, prunable, current, level, lc.group, seed=self.seed, salt=level)
+        importance = None
+        if lc.importance == "gradient":
+            importance = gradient_importance(model, structure_groups(model, lc.granularity, prunable),
+                                             *self.ctx.importance_batches(model, self.seed, lc.importance_batches,
+                                                                          cfg.train.loss))
+        return prune_structured(self.mode, model, prunable, current, level, lc.granularity, lc.scope,
+                                seed=self.seed, salt=level, importance=importance)
 
     # -- the work --------------------------------------------------------------------------------
     def finished(self, level: float) -> bool:
@@ -157,8 +182,7 @@ class LotteryChain:
         tag = f"seed {self.seed} {self.mode} {100 * level:g}%"
         ticket = retrain_ticket(
             self.ctx, model, self.seed, folder, prunable, trained, rewind=rewind, loss=cfg.train.loss, tag=tag,
-            prune=lambda m: prune(self.mode, m, prunable, current, level, cfg.lottery.scope, seed=self.seed,
-                                  salt=level, mirrored=cfg.lottery.original_high_level == "mirrored"),
+            prune=lambda m: self.prune(m, current, level),
             enforce=cfg.lottery.enforce_masks,
             record={"target": level, "parent": self.parent(index)})
         report = measure_weights(model, prunable)

@@ -12,7 +12,7 @@ import numpy as np
 from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import read_object, write_json, write_text
-from ..core.paths import Experiment
+from ..core.paths import Experiment, structure_tag
 from .figures import (ANSWER_TYPES, machine, mean_std, mean_std_cell, plot_finetune, plt, save_figure, seeds_text,
                       write_table)
 from .rows import LEVEL_KEYS
@@ -31,7 +31,8 @@ def lottery_result(cfg: Config, finetune: dict, rows: list[dict]) -> dict:
     return {
         "experiment": cfg.experiment, "valid_split": valid, "test_splits": list(cfg.data.test),
         "schedule": cfg.lottery.schedule, "scope": cfg.lottery.scope, "rewind_steps": cfg.lottery.rewind_steps,
-        "prune_from": cfg.lottery.prune_from, "seeds": list(cfg.seeds),
+        "prune_from": cfg.lottery.prune_from, "seeds": list(cfg.seeds), "granularity": cfg.lottery.granularity,
+        "importance": cfg.lottery.importance, "group": cfg.lottery.group,
         "dense": {"accuracy": {"mean": round(float(np.mean(dense)), 4), "std": round(float(np.std(dense)), 4)},
                   "blind": {"mean": round(float(np.mean(blind)), 4), "std": round(float(np.std(blind)), 4)},
                   "per_seed": {s: v["final"]["overall"] for s, v in finetune["seeds"].items()},
@@ -47,36 +48,57 @@ CSV_FIELDS = ["mode", "seed", "target_sparsity", "measured_sparsity", "accuracy_
               "seconds"]
 
 
+def stem(result: dict) -> str:
+    """The name every file of a study A result starts with: 'lottery', plus the structured granularity's tag."""
+    return "lottery" + structure_tag(result.get("granularity", "weights"), result.get("importance", "magnitude"),
+                                     result.get("group", 4))
+
+
+def level_label(result: dict) -> str:
+    """What a level counts: weights (a fraction of the prunable set), heads or neurons (a fraction of them)."""
+    granularity = result.get("granularity", "weights")
+    if granularity in ("heads", "neurons"):
+        return f"{granularity} removed %"
+    return f"sparsity % ({result.get('group', 4)}-groups)" if granularity == "n_m" else "sparsity %"
+
+
+def granularity_text(result: dict) -> str:
+    granularity = result.get("granularity", "weights")
+    if granularity in ("heads", "neurons"):
+        return f", {granularity} by {result.get('importance', 'magnitude')}"
+    return f", N:M in groups of {result.get('group', 4)}" if granularity == "n_m" else ""
+
+
 def write_lottery(cfg: Config, result: dict) -> None:
-    out = Experiment(cfg).results
-    write_json(out / "lottery.json", result)
+    out, name = Experiment(cfg).results, stem(result)
+    write_json(out / f"{name}.json", result)
     modalities = sorted({m for r in result["rows"] for m in r["measured_by_modality"] if m != "overall"})
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(CSV_FIELDS + [f"measured_{m}" for m in modalities])
     for r in result["rows"]:
         writer.writerow([r[k] for k in CSV_FIELDS] + [r["measured_by_modality"].get(m, "") for m in modalities])
-    write_text(out / "lottery.csv", buf.getvalue())
+    write_text(out / f"{name}.csv", buf.getvalue())
     plot_lottery(result, out)
     header, body = lottery_table(result)
     valid = result["valid_split"]
     chosen = f"; {valid} also chose the fine-tuned weights pruned from: optimistic" \
         if result.get("prune_from") == "best" else ""
-    write_table(header, body, out / "lottery_table.md", out / "lottery_table.png",
+    write_table(header, body, out / f"{name}_table.md", out / f"{name}_table.png",
                 f"{cfg.experiment}: retrained {valid} accuracy (%), last epoch, {seeds_text(result['seeds'])}, "
-                f"{cfg.lottery.schedule} {cfg.lottery.scope} pruning{chosen}{machine(result)}")
+                f"{result['schedule']} {result['scope']} pruning{granularity_text(result)}{chosen}{machine(result)}")
     for split in result.get("test_splits", []):
         if any(split in r["tests"] for r in result["rows"]):
             header, body = lottery_split_table(result, split)
-            write_table(header, body, out / f"lottery_{split}_table.md", out / f"lottery_{split}_table.png",
+            write_table(header, body, out / f"{name}_{split}_table.md", out / f"{name}_{split}_table.png",
                         f"{cfg.experiment}: {split} accuracy (%) of the best-on-{valid} weights, "
-                        f"{seeds_text(result['seeds'])}{machine(result)}")
+                        f"{seeds_text(result['seeds'])}{granularity_text(result)}{machine(result)}")
     ft = out / "finetune.json"
     finetune = read_object(ft, ("seeds",), "finetune result") if ft.exists() else None
     header, body = lottery_type_table(result, finetune)
-    write_table(header, body, out / "lottery_answer_types.md", out / "lottery_answer_types.png",
+    write_table(header, body, out / f"{name}_answer_types.md", out / f"{name}_answer_types.png",
                 f"{cfg.experiment}: retrained {result['valid_split']} accuracy (%) by answer type, "
-                f"{seeds_text(result['seeds'])}{machine(result)}")
+                f"{seeds_text(result['seeds'])}{granularity_text(result)}{machine(result)}")
 
 
 def redraw(cfg: Config) -> None:
@@ -86,8 +108,7 @@ def redraw(cfg: Config) -> None:
     if ft.exists():
         plot_finetune(read_object(ft, ("experiment", "valid_split", "seeds", "mean"), "finetune result"),
                       out / "finetune.png")
-    lt = out / "lottery.json"
-    if lt.exists():
+    for lt in sorted(out.glob("lottery*.json")):
         result = read_object(lt, ("experiment", "valid_split", "seeds", "dense", "rows"), "lottery result")
         for i, row in enumerate(result["rows"]):
             missing = [k for k in LEVEL_KEYS + ("accuracy_dense", "accuracy_blind") if k not in row]
@@ -121,20 +142,20 @@ def plot_lottery(result: dict, folder: Path) -> list[Path]:
             x, y, e = _by_level(mine, key)
             ax.errorbar(x, y, yerr=e, ls=style, marker="o", capsize=3, label=label)
         _baselines(ax, dense)
-        ax.set(xlabel="sparsity level (%)", ylabel=f"{result['valid_split']} accuracy (%)",
-               title=f"{result['experiment']}: {mode.replace('_', ' ')}")
+        ax.set(xlabel=f"level: {level_label(result)}", ylabel=f"{result['valid_split']} accuracy (%)",
+               title=f"{result['experiment']}: {mode.replace('_', ' ')}{granularity_text(result)}")
         ax.legend(fontsize=8)
-        paths.append(folder / f"lottery_{mode}.png")
+        paths.append(folder / f"{stem(result)}_{mode}.png")
         save_figure(fig, paths[-1])
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in modes:
         x, y, e = _by_level([r for r in rows if r["mode"] == mode], "accuracy_retrained")
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=mode.replace("_", " "))
     _baselines(ax, dense)
-    ax.set(xlabel="sparsity level (%)", ylabel=f"{result['valid_split']} accuracy (%)",
-           title=f"{result['experiment']}: retrained accuracy, all modes")
+    ax.set(xlabel=f"level: {level_label(result)}", ylabel=f"{result['valid_split']} accuracy (%)",
+           title=f"{result['experiment']}: retrained accuracy, all modes{granularity_text(result)}")
     ax.legend(fontsize=8)
-    paths.append(folder / "lottery_all.png")
+    paths.append(folder / f"{stem(result)}_all.png")
     save_figure(fig, paths[-1])
     return paths
 
@@ -151,7 +172,7 @@ def lottery_table(result: dict) -> tuple[list[str], list[list[str]]]:
     levels = sorted({r["target_sparsity"] for r in rows})
     d = result["dense"]
     per_seed = list(d["per_seed"].values())
-    header = ["sparsity %", "measured %"] + [m.replace("_", " ") for m in modes]
+    header = [level_label(result), "measured %"] + [m.replace("_", " ") for m in modes]
     body = [["0 (dense)", "0.00"] + [mean_std(per_seed)] * len(modes)]
     for level in levels:
         at = [r for r in rows if r["target_sparsity"] == level]
@@ -172,7 +193,7 @@ def lottery_split_table(result: dict, split: str) -> tuple[list[str], list[list[
     rows = result["rows"]
     modes = [m for m in MODES_ORDER if any(r["mode"] == m for r in rows)]
     dense = [t[split]["overall"] for t in result["dense"].get("tests", {}).values() if split in t]
-    header = ["sparsity %"] + [m.replace("_", " ") for m in modes]
+    header = [level_label(result)] + [m.replace("_", " ") for m in modes]
     body = [["0 (dense)"] + [mean_std(dense)] * len(modes)] if dense else []
     for level in sorted({r["target_sparsity"] for r in rows}):
         body.append([f"{100 * level:g}"] + [mean_std([r["tests"][split]["overall"] for r in rows
@@ -197,7 +218,7 @@ def lottery_type_table(result: dict, finetune: dict | None = None) -> tuple[list
     def cells(accs: list[dict]) -> list[str]:
         return [mean_std_cell([a.get(t) for a in accs]) for t in ANSWER_TYPES]
 
-    header = ["mode", "sparsity %"] + [f"{valid} {t}" for t in ANSWER_TYPES]
+    header = ["mode", level_label(result)] + [f"{valid} {t}" for t in ANSWER_TYPES]
     seeds = list(finetune["seeds"].values()) if finetune else []
     body = [["dense", "0"] + cells([s["final"] for s in seeds])] if seeds else []
     for mode in modes:

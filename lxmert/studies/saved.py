@@ -22,13 +22,14 @@ from ..core import distributed as dist
 from ..core import paths
 from ..core.config import Config
 from ..core.errors import InputError
-from ..core.files import atomic_folder, read_json, save_tensors, write_json, write_text
+from ..core.files import atomic_folder, load_tensors, read_json, read_object, save_tensors, write_json, write_text
 from ..core.paths import Run
 from ..core.settings import setting_changes
 from ..data.datasets import VQADataset, load_split
-from ..modeling.vqa import VQAModel
+from ..modeling.vqa import VQAModel, model_from_config
 from ..prune.masks import measure_weights
 from ..prune.prunable import prunable_tensors
+from ..prune.structure import compact_structure, shrink
 from ..train.checkpoints import load_weights
 from ..train.evaluation import accuracy, predict, predictions_json
 from .context import Context, init_settings
@@ -128,12 +129,23 @@ def _dataset(ctx: Context, split: str) -> VQADataset:
     return VQADataset(loaded, data.store, data.num_answers, data.qtype_index, d.mask_padding)
 
 
-def evaluate_unit(cfg: Config, unit: str, splits: list[str], which: str = "best") -> dict[str, dict]:
-    """Accuracy (overall and per answer type) of a saved unit on every labelled split asked for (default: the
-    config's validation and test splits), as its study computed them."""
+def _subject(ctx: Context, unit: Optional[str], exported: Optional[str], which: str) -> tuple[VQAModel, str]:
+    """The model a unit command works on: a finished unit's weights, or a compact export (--exported)."""
+    if exported:
+        model = load_compact(exported)
+        answers = read_json(Path(exported) / COMPACT_STRUCTURE, "compact structure")["answers"]
+        if answers != len(ctx.data.vocab):
+            raise InputError(f"--exported {exported}: {answers} answers, the config's data has {len(ctx.data.vocab)}")
+        return model, str(exported)
+    return _model(ctx, saved_unit(ctx, unit, which)), unit
+
+
+def evaluate_unit(cfg: Config, unit: Optional[str], splits: list[str], which: str = "best",
+                  exported: Optional[str] = None) -> dict[str, dict]:
+    """Accuracy (overall and per answer type) of a saved unit (or a compact export) on every labelled split asked
+    for (default: the config's validation and test splits), as its study computed them."""
     ctx = Context.load(cfg)
-    saved = saved_unit(ctx, unit, which)
-    model = _model(ctx, saved)
+    model, unit = _subject(ctx, unit, exported, which)
     out = {}
     for split in splits or ctx.labelled:
         ds = _dataset(ctx, split)
@@ -148,19 +160,19 @@ def evaluate_unit(cfg: Config, unit: str, splits: list[str], which: str = "best"
     return out
 
 
-def predict_unit(cfg: Config, unit: str, split: str, out: Optional[str], which: str = "best") -> Path:
+def predict_unit(cfg: Config, unit: Optional[str], split: str, out: Optional[str], which: str = "best",
+                 exported: Optional[str] = None) -> Path:
     """A submission file for the official evaluation server (EvalAI's VQA format, [{"question_id", "answer"}],
-    one answer for every question of the split) from a saved unit."""
+    one answer for every question of the split) from a saved unit or a compact export (then --out is needed)."""
     ctx = Context.load(cfg)
-    saved = saved_unit(ctx, unit, which)
+    model, label = _subject(ctx, unit, exported, which)
     ds = _dataset(ctx, split)
-    preds = predict(_model(ctx, saved), ds, cfg.train.eval_batch_size, dist.device(), cfg.train.precision,
-                    cfg.data.num_workers)
-    path = Path(out) if out else ctx.paths.predictions(unit) / f"{split}.json"
+    preds = predict(model, ds, cfg.train.eval_batch_size, dist.device(), cfg.train.precision, cfg.data.num_workers)
+    path = Path(out) if out else ctx.paths.predictions(label) / f"{split}.json"
     if path.is_dir():
         raise InputError(f"--out {path}: is a folder; give the file to write")
     write_json(path, predictions_json(ds, preds, ctx.data.vocab.label2ans), indent=None)
-    log.info("%s: %d answers for %s -> %s", unit, len(preds), split, path)
+    log.info("%s: %d answers for %s -> %s", label, len(preds), split, path)
     return path
 
 
@@ -169,11 +181,20 @@ def predict_unit(cfg: Config, unit: str, split: str, out: Optional[str], which: 
 EXPORT_RECORD = "export.json"
 
 
-def export_unit(cfg: Config, unit: str, out: str, overwrite: bool = False, which: str = "best") -> Path:
+COMPACT_WEIGHTS, COMPACT_STRUCTURE, COMPACT_CONFIG = "compact.safetensors", "structure.json", "encoder_config.json"
+
+
+def export_unit(cfg: Config, unit: str, out: str, overwrite: bool = False, which: str = "best",
+                compact: bool = False) -> Path:
     """A unit as a folder `transformers` loads with from_pretrained: LxmertForQuestionAnswering (config with the
     answer list as id2label, safetensors with the mask applied) for an LXMERT model with LXMERT's answer head,
     the encoder plus head.safetensors otherwise; the tokenizer, answers.json, the bit-packed mask and a model
-    card (README.md, export.json: sparsity overall and per modality, accuracy, settings, commit)."""
+    card (README.md, export.json: sparsity overall and per modality, accuracy, settings, commit).
+
+    `compact`: the model physically smaller instead: every attention head and feed-forward neuron whose
+    weights are all zero removed, the matrices shrunk (prune.structure.shrink), as compact.safetensors with
+    structure.json (the heads and neurons kept) and encoder_config.json; load_compact reads it back
+    (`python -m lxmert evaluate --exported FOLDER`). Zeros that form no whole head or neuron stay."""
     folder = Path(out)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise InputError(f"--out {folder}: exists and is not empty; nothing is replaced: give a new folder or pass "
@@ -185,6 +206,16 @@ def export_unit(cfg: Config, unit: str, out: str, overwrite: bool = False, which
     report = measure_weights(model, prunable_tensors(model, patterns))
     row = read_json(saved.result, "unit result")
     source = str(saved.weights) if isinstance(saved.weights, Path) else f"{saved.name} (rebuilt from its masks)"
+    structure = None
+    if compact:
+        structure = compact_structure(model, prunable_tensors(model, patterns))
+        before = sum(p.numel() for p in model.parameters())
+        shrink(model, structure)
+        structure = {"family": model.family, "head": cfg.model.head, "answers": len(ctx.data.vocab),
+                     "parameters": {"before": before, "after": sum(p.numel() for p in model.parameters())},
+                     **{kind: {"kept": sum(len(v) for v in units.values()),
+                               "of": sum(_units_of(model, kind, name) for name in units), "modules": units}
+                        for kind, units in structure.items()}}
     card = {"unit": unit, "experiment": cfg.experiment, "weights": which, "source": source,
             "sparsity": {"overall": report["overall"], "by_modality": report["by_modality"],
                          "prunable": report["prunable"], "prunable_set": list(patterns)},
@@ -192,8 +223,17 @@ def export_unit(cfg: Config, unit: str, out: str, overwrite: bool = False, which
             "settings": read_json(saved.settings, "unit settings"),
             "made_with": row.get("environment"), "exported_with": ctx.environment,
             "answers": len(ctx.data.vocab), "loads_with": _loader(model)}
+    if structure is not None:
+        card["loads_with"] = (f"python -m lxmert evaluate --config CONFIG --exported {folder} (the project's "
+                              "lxmert.studies.saved.load_compact: the heads and neurons kept are in structure.json)")
+        card["compact"] = {k: v for k, v in structure.items() if k in ("parameters", "heads", "neurons")}
     with atomic_folder(folder, overwrite=True) as tmp:
-        _save_model(model, ctx, tmp)
+        if structure is None:
+            _save_model(model, ctx, tmp)
+        else:
+            save_tensors(tmp / COMPACT_WEIGHTS, model.state_dict())
+            write_json(tmp / COMPACT_STRUCTURE, structure)
+            write_json(tmp / COMPACT_CONFIG, model.encoder.config.to_dict())
         ctx.data.tokenizer.save_pretrained(str(tmp))
         write_json(tmp / "answers.json", ctx.data.vocab.label2ans)
         if saved.mask is not None:
@@ -202,6 +242,34 @@ def export_unit(cfg: Config, unit: str, out: str, overwrite: bool = False, which
         write_text(tmp / "README.md", _card_text(card))
     log.info("exported %s (%s weights, sparsity %.2f %%) to %s", unit, which, report["overall"], folder)
     return folder
+
+
+def _units_of(model: VQAModel, kind: str, name: str) -> int:
+    """Heads of an attention module or neurons of a feed-forward block in the full-size encoder config."""
+    config = model.encoder.config
+    return config.num_attention_heads if kind == "heads" else config.intermediate_size
+
+
+def load_compact(folder: str | Path) -> VQAModel:
+    """A compact export (export --compact) as a model: the full-size skeleton from encoder_config.json, cut to
+    structure.json's heads and neurons, then its weights (every key and shape must match)."""
+    folder = Path(folder)
+    for name in (COMPACT_WEIGHTS, COMPACT_STRUCTURE, COMPACT_CONFIG):
+        if not (folder / name).is_file():
+            raise InputError(f"--exported {folder}: no {name}; a compact export (export --compact) holds "
+                             f"{COMPACT_WEIGHTS}, {COMPACT_STRUCTURE} and {COMPACT_CONFIG}")
+    structure = read_object(folder / COMPACT_STRUCTURE, ("family", "head", "answers"), "compact structure")
+    model = model_from_config(structure["family"], read_json(folder / COMPACT_CONFIG, "encoder config"),
+                              structure["answers"], structure["head"])
+    shrink(model, {kind: structure[kind]["modules"] for kind in ("heads", "neurons") if kind in structure})
+    state = load_tensors(folder / COMPACT_WEIGHTS)
+    own = model.state_dict()
+    wrong = sorted(k for k in set(state) | set(own) if k not in state or k not in own or state[k].shape != own[k].shape)
+    if wrong:
+        raise InputError(f"{folder / COMPACT_WEIGHTS}: does not fit {COMPACT_STRUCTURE} ({len(wrong)} keys differ, "
+                         f"e.g. {wrong[0]})")
+    model.load_state_dict(state)
+    return model.to(dist.device())
 
 
 def _loader(model: VQAModel) -> str:
