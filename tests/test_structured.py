@@ -170,13 +170,15 @@ def test_modes_rank_units_as_the_unstructured_modes_rank_weights():
     assert importance[0][5] == pytest.approx(float(torch.cat([row, col]).pow(2).mean().sqrt()), rel=1e-5)
 
 
-def test_gradient_importance_is_the_gate_derivative():
-    """Michel et al.'s I_h = E_x |dL/dxi_h|: against a finite difference of the loss when head h's output
-    columns are scaled by (1 + eps), one example at a time, and normalised per module."""
+def test_gradient_importance_is_michel_et_al_s_token_sum():
+    """Their code's score (classifier_eval.py lines 236-252): sum over tokens and examples of
+    |A_h(x)^T dL/dA_h(x)|, A_h the head's part of the attention output, normalised per module; computed here
+    independently from the heads' concatenation and its gradient, for the cross attention used in both
+    directions."""
     model = _model().double()
     prunable = prunable_tensors(model)
     groups = st.structure_groups(model, "heads", prunable)
-    batches = [{k: (v.double() if v.is_floating_point() else v) for k, v in _batch(1, seed=s).items()}
+    batches = [{k: (v.double() if v.is_floating_point() else v) for k, v in _batch(2, seed=s).items()}
                for s in range(2)]
 
     def loss_of(b):
@@ -184,30 +186,23 @@ def test_gradient_importance_is_the_gate_derivative():
 
     importance = st.gradient_importance(model, groups, batches, loss_of)
     index = [g.module for g in groups].index("encoder.encoder.x_layers.0.visual_attention.att")
-    g, head = groups[index], 1  # the cross-attention module, used in both directions
-    weight = model.get_parameter(g.cols[0])
-    raw = []
+    g = groups[index]
+    dense = model.get_submodule(g.cols[0].rpartition(".")[0])
+    expected = torch.zeros(g.count, dtype=torch.float64)
     for b in batches:
-        values = []
-        for eps in (1e-4, -1e-4):
-            with torch.no_grad():
-                weight[:, g.slices(head)] *= 1 + eps
-                values.append(float(loss_of(b)))
-                weight[:, g.slices(head)] /= 1 + eps
-        raw.append(abs(values[0] - values[1]) / 2e-4)
-    unnormalised = np.mean(raw)
-    # recover the module's norm from the other heads' gradients: the ratio of two heads is norm-free
-    other = 0
-    values = []
-    for b in batches:
-        vs = []
-        for eps in (1e-4, -1e-4):
-            with torch.no_grad():
-                weight[:, g.slices(other)] *= 1 + eps
-                vs.append(float(loss_of(b)))
-                weight[:, g.slices(other)] /= 1 + eps
-        values.append(abs(vs[0] - vs[1]) / 2e-4)
-    assert importance[index][head] / importance[index][other] == pytest.approx(unnormalised / np.mean(values), rel=1e-4)
+        seen = []
+        handle = dense.register_forward_pre_hook(lambda _m, args: seen.append(args[0]) or None)
+        loss = loss_of(b)
+        handle.remove()
+        grads = torch.autograd.grad(loss, seen, allow_unused=True)
+        for x, grad in zip(seen, grads):
+            if grad is None:  # the last layer's vision -> language direction: unused by the pooled output
+                continue
+            dot = (x * grad).reshape(*x.shape[:-1], g.count, g.size).sum(-1)  # A_h . dL/dA_h per token
+            expected += dot.detach().abs().reshape(-1, g.count).sum(0)
+    expected = (expected / expected.norm()).detach().numpy()
+    assert len(seen) == 2, "the cross attention runs twice (language -> vision, vision -> language)"
+    assert np.allclose(importance[index], expected, rtol=1e-8)
     norms = [float(np.linalg.norm(i)) for i in importance]
     # the last cross-modality layer's vision self-attention never reaches the pooled (language CLS) output
     silent = [g.module for g in groups].index("encoder.encoder.x_layers.0.visn_self_att.self")

@@ -12,9 +12,9 @@ weights along the input dimension (2:4 is level 0.5), the pattern NVIDIA's spars
 
 Importance of a unit (lottery.importance):
   magnitude  the root mean square of its weights;
-  gradient   Michel et al. (2019, "Are Sixteen Heads Really Better than One?", eq. 2): the expected absolute
-             derivative of the loss by a gate multiplying the unit's output, E_x |dL/dxi_h|, computed per
-             example on training batches, then normalised by its L2 norm within each module (their section 4.2).
+  gradient   Michel et al. (2019, "Are Sixteen Heads Really Better than One?"): the absolute derivative of the
+             loss by a gate multiplying the unit's output, per token, summed over training batches, then
+             normalised by its L2 norm within each module, as their code does (gradient_importance).
 The modes read them as the unstructured ones read |w|: low_magnitude removes the least important units,
 high_magnitude the most important, random draws units with the per-module counts low_magnitude would prune.
 """
@@ -135,24 +135,24 @@ def magnitude_importance(model: nn.Module, groups: list[Group]) -> list[np.ndarr
 
 def gradient_importance(model: nn.Module, groups: list[Group], batches: Iterable[dict],
                         loss_of: Callable[[dict], torch.Tensor]) -> list[np.ndarray]:
-    """Michel et al.'s importance: E_x |dL/dxi| for a gate xi on each unit's output, one gate per example (the
-    absolute value is taken per example), averaged over the examples of `batches`, then each module's scores
-    divided by their L2 norm. The gate multiplies the input of the output projection (the heads' concatenation,
-    the activated neurons); a module used twice (LXMERT's cross attention, both directions) shares its gates."""
+    """Michel et al.'s importance as their code computes it (pmichel31415/pytorch-pretrained-BERT, branch paul,
+    commit 18a86a7, examples/classifier_eval.py lines 236-252): for every token, |A_h(x)^T dL/dA_h(x)|, the
+    absolute derivative of the loss by a gate on head h's output at that token, summed over tokens and
+    examples, then each module's scores divided by their L2 norm. Here the gate multiplies the input of the
+    output projection (the heads' concatenation; for neurons, the activated neurons), and the sums are divided
+    by the number of examples (a scale the normalisation removes). A module used twice (LXMERT's cross
+    attention, both directions) adds both uses."""
     modules = dict(model.named_modules())
-    gates: dict[int, torch.Tensor] = {}
+    gates: dict[int, list[torch.Tensor]] = {}
     sums = [torch.zeros(g.count, dtype=torch.float64) for g in groups]
     handles = []
 
     def hook(index: int, group: Group):
         def pre(_module, args):
             x = args[0]
-            gate = gates.get(index)
-            if gate is None or gate.shape[0] != x.shape[0]:
-                gate = torch.ones(x.shape[0], group.count, device=x.device, dtype=x.dtype, requires_grad=True)
-                gates[index] = gate
-            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (group.count, 1)
-            scaled = x.reshape(*x.shape[:-1], group.count, group.size) * gate.reshape(shape)
+            gate = torch.ones(*x.shape[:-1], group.count, device=x.device, dtype=x.dtype, requires_grad=True)
+            gates.setdefault(index, []).append(gate)
+            scaled = x.reshape(*x.shape[:-1], group.count, group.size) * gate.unsqueeze(-1)
             return (scaled.reshape(x.shape),) + tuple(args[1:])
         return pre
 
@@ -165,13 +165,12 @@ def gradient_importance(model: nn.Module, groups: list[Group], batches: Iterable
             handles.append(modules[dense].register_forward_pre_hook(hook(i, g)))
         for batch in batches:
             gates.clear()
-            model.zero_grad(set_to_none=True)
             loss = loss_of(batch)
-            used = [gates[i] for i in range(len(groups)) if i in gates]
-            grads = torch.autograd.grad(loss, used, allow_unused=True)
-            for i, grad in zip([i for i in range(len(groups)) if i in gates], grads):
+            used = [(i, gate) for i in sorted(gates) for gate in gates[i]]
+            grads = torch.autograd.grad(loss, [gate for _, gate in used], allow_unused=True)
+            for (i, _), grad in zip(used, grads):
                 if grad is not None:
-                    sums[i] += grad.detach().abs().double().sum(dim=0).cpu()
+                    sums[i] += grad.detach().abs().double().reshape(-1, groups[i].count).sum(dim=0).cpu()
             examples += next(iter(batch.values())).shape[0]
     finally:
         for h in handles:
