@@ -34,7 +34,7 @@ def _batch(n: int = 3, seed: int = 0) -> dict:
 
 
 def _dead_heads(mask: dict, groups: list) -> list[np.ndarray]:
-    return [~st._alive(g, mask) for g in groups]
+    return [~st.alive_units(g, mask) for g in groups]
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def structure_groups(model: nn.Module, kind: str, prunable: list[PrunableTensor]
 
 # -- importance ------------------------------------------------------------------------------------------------
 
-def _alive(group: Group, mask: dict[str, torch.Tensor]) -> np.ndarray:
+def alive_units(group: Group, mask: dict[str, torch.Tensor]) -> np.ndarray:
     """Units of a group still in the model: any of their output columns kept."""
     cols = mask[group.cols[0]].reshape(mask[group.cols[0]].shape[0], group.count, group.size)
     return cols.any(dim=2).any(dim=0).numpy()
@@ -256,7 +256,7 @@ def prune_structured(mode: str, model: nn.Module, prunable: list[PrunableTensor]
     `current` pruned. `importance` (gradient importance, computed by the caller) replaces the magnitude."""
     groups = structure_groups(model, kind, prunable)
     scores = importance if importance is not None else magnitude_importance(model, groups)
-    alive = [_alive(g, current) for g in groups]
+    alive = [alive_units(g, current) for g in groups]
     pruned = select_units(mode, groups, scores, alive, unit_counts(groups, level, scope),
                           [seed, int(round(salt * 1_000_000))])
     return unit_mask(groups, pruned, current)
