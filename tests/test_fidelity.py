@@ -120,3 +120,29 @@ def test_study_b_reports_the_question_only_lxmert_and_the_prior_rules(tmp_path, 
     assert f"| prior: {ORACLE} | - | - | {result['priors'][ORACLE]['cp_test']['yes/no']:.2f} |" in types
     settings = json.loads((tmp_path / "models/b/seed_0/bce-bce/s50/settings.json").read_text())
     assert settings["debias.stage_start"] == "best"
+
+
+def test_study_b_with_si_et_al_classifier_runs_through_stage_3(tmp_path, embedded_root, monkeypatch):
+    """model.head simple (weight-normed): stage 2's baked weights keep the head's weight-norm tensors
+    (parametrizations.weight.original0/1), so stage 3 and the rows load them; the head is never masked."""
+    from lxmert.core.errors import InputError
+    from lxmert.core.files import load_tensors
+    from lxmert.prune.prunable import prunable_tensors
+    from lxmert.studies.debias import run_debias
+
+    grid = ["model.head=simple", "data.train=[cp_train]", "data.valid=cp_minival", "data.test=[cp_test]",
+            "debias.stage1_losses=[bce]", "debias.stage2_losses=[bce]", "debias.sparsities=[0.5]",
+            "debias.modality_sparsities=[]", "debias.stage2_epochs=1", "debias.stage3_epochs=1",
+            "debias.controls=false", "debias.lottery_baseline=false", "blind.lxmert=false"]
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(embedded_root, experiment="b", extra=grid)
+    result = run_debias(cfg)
+    stages = {r["stage"]: r for r in result["rows"] if r["sparsity_tag"] == "s50"}
+    assert set(stages) == {"stage2", "stage3"}
+    heads = load_tensors(tmp_path / "models/b/seed_0/bce-bce/s50/stage2/heads.safetensors")
+    for which in ("final", "best"):
+        assert {f"{which}.head.{i}.parametrizations.weight.original{j}" for i in (0, 3) for j in (0, 1)} <= set(heads)
+    assert not any("scores" in k for k in heads)
+    model = build_model(cfg.model, 40, 16, 20)
+    with np.testing.assert_raises(InputError):
+        prunable_tensors(model, ["encoder.pooler.*", "head.*"])

@@ -720,6 +720,24 @@ def test_a_level_that_prunes_everything_is_refused_before_any_training(embedded_
     assert not list(tmp_path.glob("models/*/seed_*"))
 
 
+def test_a_question_only_lxmert_that_cannot_train_is_refused_before_any_training(embedded_root, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A fresh encoder (zero biases) with the image zeroed: constant inputs to every vision LayerNorm, gradients
+    scaled by 1/sqrt(eps) per layer; with 5 + 5 vision layers (base size) they overflow at the first step."""
+    from lxmert.train import trainer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer.Trainer, "_epoch", lambda self: pytest.fail("no training may start"))
+    deep = ["model.r_layers=5", "model.x_layers=5"]
+    for command, extra in (("lottery", []), ("debias", ["experiment=b", "data.train=[cp_train]",
+                                                        "data.valid=cp_minival", "data.test=[cp_test]"])):
+        code, lines = _main([command, *_bad_config(tmp_path, embedded_root), *deep, *extra], capsys)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("error: the question-only LXMERT (blind.lxmert) cannot train from these weights")
+        assert "model.pretrained=null" in lines[0] and "blind.lxmert=false" in lines[0]
+    assert not list(tmp_path.glob("models/*/seed_*"))
+
+
 def test_a_pretrained_vocabulary_smaller_than_the_tokenizer_is_refused_before_work(embedded_root, tmp_path, capsys,
                                                                                      monkeypatch):
     from transformers import LxmertConfig, LxmertModel

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 
 from ..core.config import PRUNABLE_DEFAULT
 from ..core.errors import InputError
@@ -65,6 +67,18 @@ def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT
     if unused:
         raise InputError(f"prunable pattern(s) {unused} match no {'parameter' if all_parameters else 'Linear or Embedding weight'} of this "
                          f"{model.family} model (names look like {candidates[0]}, {candidates[-1]})")
+    chosen = [c for c in candidates if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
+    normed = [c for c in chosen if c.endswith(".weight") and _weight_normed(modules[c])]
+    if normed:
+        raise InputError(f"prunable pattern(s) {list(patterns)} match the weight-normed {', '.join(normed)} "
+                         f"(model.head=simple): its weight is computed from a direction and a gain, so a mask "
+                         f"on it is not kept by training; leave head.* out of the prunable set")
     return [PrunableTensor(c, _modality(model.family, c) or "other",
                            getattr(modules[c], "padding_idx", None) if c.endswith(".weight") else None)
-            for c in candidates if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
+            for c in chosen]
+
+
+def _weight_normed(module: nn.Module) -> bool:
+    """Whether the module's weight is a weight-norm parametrization (Si et al.'s head, modeling.vqa.simple_head)."""
+    return parametrize.is_parametrized(module, "weight") and any(
+        isinstance(p, _WeightNorm) for p in module.parametrizations.weight)

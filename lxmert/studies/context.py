@@ -3,6 +3,7 @@ them (models built from a seed, losses, evaluation with predictions, question-on
 plus the experiment-wide checks made before any work."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -133,14 +134,33 @@ class Context:
 
     def _rebuilt_init(self, seed: int) -> dict:
         """The seed's initial weights built again, every RNG (python, numpy, torch) left as it was."""
-        saved = random.getstate(), np.random.get_state()
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            try:
-                return self.new_model(seed).state_dict()
-            finally:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
+        with rng_kept():
+            return self.new_model(seed).state_dict()
+
+    def check_question_only(self) -> None:
+        """Before any training, with blind.lxmert: one forward and backward of the question-only model (the
+        first seed's initial weights, the image zeroed) on two training questions. With the image zeroed, an
+        LXMERT encoder whose biases are all zero (a fresh one, model.pretrained null: transformers initialises
+        every bias to zero) feeds every vision-layer LayerNorm a constant input, whose backward multiplies the
+        gradient by 1/sqrt(eps) (1e6 at LXMERT's eps 1e-12) per LayerNorm; from a few vision layers on (base
+        size: 5 + 5) the gradients overflow and the first step leaves NaN weights. Refused here, in one line,
+        instead of a divergence after the dense units have trained."""
+        if not self.cfg.blind.lxmert:
+            return
+        with rng_kept():
+            model = self.new_model(self.cfg.seeds[0])
+        model.sees_image = False
+        batch = to_device(self.data.train.batch([0, min(1, len(self.data.train) - 1)]), dist.device())
+        logits, _ = model(batch)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"]).backward()
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise InputError(
+                f"the question-only LXMERT (blind.lxmert) cannot train from these weights: with the image zeroed "
+                f"{len(bad)} gradients are not finite ({bad[0]}, ...), because the encoder's biases give its vision "
+                f"layers a constant input (model.pretrained={self.cfg.model.pretrained or 'null'}: a fresh encoder has zero "
+                f"biases) and each LayerNorm then scales the gradient by 1/sqrt(eps); give pretrained weights "
+                f"(model.pretrained) or set blind.lxmert=false")
 
     def train(self, model: VQAModel, spec: RunSpec) -> dict:
         """Run (or resume, or skip) one training run on the experiment's training and validation splits."""
@@ -206,6 +226,19 @@ class Context:
 
         once(path.parent, covered, make, of=path.name)
         return dist.broadcast(read_json(path) if dist.is_main() else None)
+
+
+@contextlib.contextmanager
+def rng_kept():
+    """Run the block with every RNG (python, numpy, torch CPU and current CUDA device) restored afterwards."""
+    saved = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
 
 
 def tables_lock(cfg: Config) -> FileLock:

@@ -439,12 +439,11 @@ def _baked(model: VQAModel, masks: LearnedMasks) -> dict:
     state = {}
     current = masks.current_masks()
     for key, value in model.state_dict().items():
-        if ".parametrizations.weight." not in key:
+        module, mark, rest = key.partition(".parametrizations.weight.")
+        if not mark or f"{module}.weight" not in current:  # weight norm's original0/1 (model.head=simple) stay
             state[key] = value
-        elif key.endswith(".parametrizations.weight.original"):
-            module = key[: -len(".parametrizations.weight.original")]
-            keep = current[f"{module}.weight"]
-            state[f"{module}.weight"] = value * keep.to(value.dtype)
+        elif rest == "original":  # the mask's own tensors (scores) go
+            state[f"{module}.weight"] = value * current[f"{module}.weight"].to(value.dtype)
     return state
 
 
@@ -460,6 +459,7 @@ def run_debias(cfg: Config) -> Optional[dict]:
     """The whole grid for every seed; writes debias.json, a table and one plot per test split when all units
     are finished (by this process or others)."""
     ctx = Context.load(cfg)
+    ctx.check_question_only()
     studies = [SeedStudy(ctx, seed) for seed in cfg.seeds]
     units = [u for study in studies for u in study.units()]
     if not run_units(units, cfg.experiment):

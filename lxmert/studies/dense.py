@@ -132,6 +132,7 @@ def run_finetune(cfg: Config, ctx: Optional[Context] = None) -> Optional[dict]:
 def study_a_units(ctx: Context) -> list[Unit]:
     """The dense fine-tune of every seed and, with blind.lxmert, its question-only twin."""
     cfg = ctx.cfg
+    ctx.check_question_only()
     units = [dense_unit(ctx, s) for s in cfg.seeds]
     if cfg.blind.lxmert:
         units += [question_only_unit(ctx, s, cfg.train.loss, dense_settings(cfg)) for s in cfg.seeds]
