@@ -5,7 +5,7 @@ pretraining run whose floats also depend on the CPU type.
     python -m bench.standin_seeds [--pretrain-seeds 0,1,2] [--config run/configs/embedded.yaml] [KEY=VALUE ...]
 
 For each pretraining seed it makes a stand-in of its own (models/embedded_pretrain_p<seed>/encoder) and runs the
-study on it as experiment <experiment>_p<seed> (`python -m lxmert lottery`, the overrides given passed on, e.g.
+study on it as experiment <experiment>_p<seed> (the config's own pretraining seed: its own stand-in and experiment) (`python -m lxmert lottery`, the overrides given passed on, e.g.
 seeds=[0,1] lottery.levels=[0.4,0.8] to shorten it), then reports, for the dense model and every level, the
 mean over fine-tuning seeds per stand-in, the spread of those means across stand-ins and the spread across
 fine-tuning seeds within a stand-in; appended to docs/RESULTS.md (--no-append: printed only). Run from the
@@ -31,8 +31,13 @@ DOC = ROOT / "docs" / "RESULTS.md"
 
 
 def _run(config: str, seed: int, overrides: list[str]) -> Path:
-    """The study on the stand-in of pretraining seed `seed`; its result folder."""
-    base = load_config(config, overrides).experiment
+    """The study on the stand-in of pretraining seed `seed`; its result folder. The config's own pretraining
+    seed is its own experiment and stand-in (the default study, read back when it is finished)."""
+    cfg = load_config(config, overrides)
+    base = cfg.experiment
+    if seed == cfg.pretrain.seed:
+        subprocess.run([sys.executable, "-m", "lxmert", "lottery", "--config", config, *overrides], cwd=ROOT, check=True)
+        return ROOT / "result" / base
     export = f"models/embedded_pretrain_p{seed}/encoder"
     items = [*overrides, f"experiment={base}_p{seed}", f"pretrain.seed={seed}", f"pretrain.export={export}",
              f"model.pretrained={export}"]
