@@ -128,12 +128,15 @@ def test_study_b_with_si_et_al_classifier_runs_through_stage_3(tmp_path, embedde
     from lxmert.core.errors import InputError
     from lxmert.core.files import load_tensors
     from lxmert.prune.prunable import prunable_tensors
+    from lxmert.studies.context import Context
     from lxmert.studies.debias import run_debias
+    from lxmert.studies.saved import saved_unit
 
     grid = ["model.head=simple", "data.train=[cp_train]", "data.valid=cp_minival", "data.test=[cp_test]",
             "debias.stage1_losses=[bce]", "debias.stage2_losses=[bce]", "debias.sparsities=[0.5]",
             "debias.modality_sparsities=[]", "debias.stage2_epochs=1", "debias.stage3_epochs=1",
-            "debias.controls=false", "debias.lottery_baseline=false", "blind.lxmert=false"]
+            "debias.controls=false", "debias.lottery_baseline=false", "blind.lxmert=false",
+            "checkpoints.keep=all", "debias.stage_start=best"]
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(embedded_root, experiment="b", extra=grid)
     result = run_debias(cfg)
@@ -142,7 +145,34 @@ def test_study_b_with_si_et_al_classifier_runs_through_stage_3(tmp_path, embedde
     heads = load_tensors(tmp_path / "models/b/seed_0/bce-bce/s50/stage2/heads.safetensors")
     for which in ("final", "best"):
         assert {f"{which}.head.{i}.parametrizations.weight.original{j}" for i in (0, 3) for j in (0, 1)} <= set(heads)
-    assert not any("scores" in k for k in heads)
+    stage2 = tmp_path / "models/b/seed_0/bce-bce/s50/stage2"
+    for name in ("pruned.safetensors", "best_pruned.safetensors"):  # plain weights, the mask multiplied in
+        baked = load_tensors(stage2 / name)
+        assert not any("scores" in k or k.endswith(".parametrizations.weight.original") for k in baked)
+        assert "encoder.encoder.layer.0.attention.self.query.weight" in baked
+        assert "head.0.parametrizations.weight.original1" in baked
+    # stage 3 started from stage 2's best-on-valid weights and mask: evaluate / export read that mask
+    saved = saved_unit(Context.load(cfg), "seed_0/bce-bce/s50/stage3", "best")
+    assert saved.mask.resolve() == stage2 / "best_mask.safetensors"
     model = build_model(cfg.model, 40, 16, 20)
     with np.testing.assert_raises(InputError):
         prunable_tensors(model, ["encoder.pooler.*", "head.*"])
+    with np.testing.assert_raises(InputError):  # the original's all-parameters rule: direction and gain too
+        prunable_tensors(model, ["head.*"], all_parameters=True)
+    assert [t.name for t in prunable_tensors(model, ["head.*"], refuse_normed=False)] == ["head.0.weight",
+                                                                                          "head.3.weight"]
+
+
+def test_the_question_only_probe_leaves_every_random_state_as_it_was(tmp_path, embedded_root, monkeypatch):
+    """Context.check_question_only builds a model and runs a forward with dropout: no RNG may move."""
+    import random
+
+    from lxmert.studies.context import Context
+
+    monkeypatch.chdir(tmp_path)
+    ctx = Context.load(tiny_config(embedded_root, experiment="probe", extra=["model.dropout=0.3"]))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    ctx.check_question_only()
+    assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])

@@ -240,5 +240,5 @@ def sparsity_report(masks: Mapping[str, torch.Tensor], model: nn.Module) -> dict
     Same format as every other mask report of the project (masks.measure_mask); modalities come from
     modeling.prunable_tensors, and a name outside the prunable set is reported as 'other'.
     """
-    modality_of = {t.name: t.modality for t in prunable_tensors(model, ["encoder.*", "head.*"])}
+    modality_of = {t.name: t.modality for t in prunable_tensors(model, ["encoder.*", "head.*"], refuse_normed=False)}
     return measure_mask(dict(masks), {name: modality_of.get(name, "other") for name in masks})

@@ -147,13 +147,14 @@ class Context:
         instead of a divergence after the dense units have trained."""
         if not self.cfg.blind.lxmert:
             return
-        with rng_kept():
+        with rng_kept():  # the forward draws dropout too: every RNG is left as it was
             model = self.new_model(self.cfg.seeds[0])
-        model.sees_image = False
-        batch = to_device(self.data.train.batch([0, min(1, len(self.data.train) - 1)]), dist.device())
-        logits, _ = model(batch)
-        torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"]).backward()
-        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            model.sees_image = False
+            batch = to_device(self.data.train.batch([0, min(1, len(self.data.train) - 1)]), dist.device())
+            logits, _ = model(batch)
+            torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"]).backward()
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad = dist.broadcast(bad)  # one verdict for every process (rank 0's)
         if bad:
             raise InputError(
                 f"the question-only LXMERT (blind.lxmert) cannot train from these weights: with the image zeroed "

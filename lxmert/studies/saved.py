@@ -73,9 +73,13 @@ def saved_unit(ctx: Context, name: str, which: str) -> Saved:
         raise InputError(f"--unit {name}: no finished unit {folder} in experiment '{ctx.cfg.experiment}' (finished: "
                          f"{', '.join(units[:6]) or 'none'}{', ...' if len(units) > 6 else ''})")
     weights: Path | dict
+    settings = _settings_of(folder, ctx.paths.models)
+    # study B's start points as the unit recorded them (stages 2 and 3 start from the previous stage's final or
+    # best-on-valid weights and mask: debias.stage_start)
+    start = read_json(settings, "unit settings").get("debias.stage_start", "final")
     if (folder / paths.HEADS).exists():  # a study-B stage 2: its weights are rebuilt exactly when dropped
         stage1 = ctx.paths.run(paths.stage1(int(name.split("/")[0].removeprefix("seed_")), name.split("/")[1]
-                                            .split("-")[0])).weights(ctx.cfg.debias.stage_start)
+                                            .split("-")[0])).weights(start)
         weights, run_folder = stage2_weights(stage1, folder, which), folder
     else:
         levels = [p for p in sorted(folder.glob("level_*")) if (p / paths.RUN).is_dir()]
@@ -87,13 +91,12 @@ def saved_unit(ctx: Context, name: str, which: str) -> Saved:
                              "with checkpoints.keep=all: the unit retrains from its start with its mask and seed "
                              "(the same weights on a CPU)")
     mask = run_folder / (paths.BEST_MASK if (folder / paths.HEADS).exists() and which == "best" else paths.MASK)
-    if folder.name == "stage3":  # stage 3 trains under stage 2's final mask
-        mask = folder.parent / "stage2" / paths.MASK
-    _check_made_like(ctx, name, _settings_of(folder, ctx.paths.models))
+    if folder.name == "stage3":  # stage 3 trains under the stage-2 mask it started from
+        mask = folder.parent / "stage2" / (paths.MASK if start == "final" else paths.BEST_MASK)
+    _check_made_like(ctx, name, settings)
     kind = name.strip("/").split("/")[1] if "/" in name.strip("/") else ""
     study_a = kind == "dense" or kind.startswith(("iterative_", "oneshot_"))
-    return Saved(name, weights, mask if mask.exists() else None, result, _settings_of(folder, ctx.paths.models),
-                 not study_a)
+    return Saved(name, weights, mask if mask.exists() else None, result, settings, not study_a)
 
 
 def _check_made_like(ctx: Context, name: str, settings: Path) -> None:
