@@ -21,7 +21,6 @@ config and overrides: Cost.keeps per unit, Plan.shared, Plan.end(), Cost.running
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -40,6 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.common import append  # noqa: E402
+from lxmert.data.prepare import random_obj36_line  # noqa: E402
 
 BOXES, FEAT_DIM, VOCAB, ANSWERS = 36, 2048, 30_522, 3_129  # LXMERT base on VQA v2
 MB = 1e6
@@ -71,22 +71,6 @@ STUDIES = {
 
 # -- real-format data -------------------------------------------------------------------------------------
 
-def _b64(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
-
-
-def _tsv_line(img_id: str, rng: np.random.Generator, h: float = 480.0, w: float = 640.0) -> str:
-    """One line of LXMERT's *_obj36.tsv (ten fields, arrays as base64 of little-endian values)."""
-    x1, y1 = rng.uniform(0, w / 2, BOXES), rng.uniform(0, h / 2, BOXES)
-    boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, BOXES), y1 + rng.uniform(1, h / 2, BOXES)], 1)
-    feats = np.abs(rng.standard_normal((BOXES, FEAT_DIM)))
-    fields = [img_id, str(h), str(w), _b64(rng.integers(0, 1600, BOXES).astype("<i8")),
-              _b64(rng.uniform(0.2, 1, BOXES).astype("<f4")), _b64(rng.integers(0, 400, BOXES).astype("<i8")),
-              _b64(rng.uniform(0.1, 1, BOXES).astype("<f4")), str(BOXES), _b64(boxes.astype("<f4")),
-              _b64(feats.astype("<f4"))]
-    return "\t".join(fields) + "\n"
-
-
 def _coco(split: str, image: int) -> str:
     return f"COCO_{split}_{image:012d}"
 
@@ -99,7 +83,8 @@ def write_features(root: Path, images: dict[str, list[int]]) -> None:
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, ids in images.items():
-        (raw / f"{split}_obj36.tsv").write_text("".join(_tsv_line(_coco(split, i), rng) for i in ids))
+        lines = (random_obj36_line(_coco(split, i), rng, BOXES, FEAT_DIM) for i in ids)
+        (raw / f"{split}_obj36.tsv").write_text("".join(lines))
     tsv = [str(raw / f"{split}_obj36.tsv") for split in images]
     _check(main(["prepare", "features", *tsv, "--out", str(root / "data/coco_obj36"), "--dtype", "float16"]),
            "prepare features")

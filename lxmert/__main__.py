@@ -19,7 +19,7 @@ import sys
 import traceback
 
 from .core.cli import Parser
-from .core.config import describe, load_config
+from .core.config import describe, load_config, read_config_file
 from .core.errors import InputError, failure
 
 # Commands with options of their own: python -m lxmert <command> --help
@@ -133,12 +133,10 @@ def _plan(args: argparse.Namespace, cfg) -> str:
 
 def _study_of(config: str | None) -> str:
     """debias for a config file with a debias section (the study-B configs), else lottery."""
-    import yaml
-
     if config is None:
         return "lottery"
-    text = yaml.safe_load(open(config, encoding="utf-8")) or {}
-    return "debias" if isinstance(text, dict) and "debias" in text else "lottery"
+    tree = read_config_file(config)
+    return "debias" if isinstance(tree, dict) and "debias" in tree else "lottery"
 
 
 def _check_unit_options(args: argparse.Namespace) -> None:

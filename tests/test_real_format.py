@@ -1,7 +1,6 @@
 """End to end on a real-format dataset the project has never seen: raw VQA v2 question / annotation
 files and LXMERT's *_obj36.tsv features, prepared with the commands of data/README.md, then trained
 and evaluated by the real VQA v2 config (run/configs/vqa_v2.yaml) changed by overrides only."""
-import base64
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from transformers import BertTokenizer
 
 from lxmert.core.config import load_config
 from lxmert.data import prepare
+from lxmert.data.prepare import random_obj36_line
 from lxmert.data.answers import official_accuracy
 from lxmert.data.features import FeatureStore
 from lxmert.studies.dense import run_finetune
@@ -36,22 +36,6 @@ KINDS = {
 # A validation question whose answers are all outside the vocabulary (it counts as wrong).
 OOV = ("What color is the sky?", "other", "what color is", ["blue", "Blue", "blue.", "light blue", "blue", "blue",
                                                              "grey", "blue", "blue", "blue"], "blue")
-
-
-def _b64(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
-
-
-def _tsv_line(img_id: str, rng: np.random.Generator, h: float = 480.0, w: float = 640.0) -> str:
-    """One line of LXMERT's *_obj36.tsv: ten tab-separated fields, arrays base64 of little-endian values."""
-    x1, y1 = rng.uniform(0, w / 2, BOXES), rng.uniform(0, h / 2, BOXES)
-    boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, BOXES), y1 + rng.uniform(1, h / 2, BOXES)], 1)
-    feats = np.abs(rng.standard_normal((BOXES, FEAT_DIM)))
-    fields = [img_id, str(h), str(w), _b64(rng.integers(0, 1600, BOXES).astype("<i8")),
-              _b64(rng.uniform(0.2, 1, BOXES).astype("<f4")), _b64(rng.integers(0, 400, BOXES).astype("<i8")),
-              _b64(rng.uniform(0.1, 1, BOXES).astype("<f4")), str(BOXES), _b64(boxes.astype("<f4")),
-              _b64(feats.astype("<f4"))]
-    return "\t".join(fields) + "\n"
 
 
 def _raw_split(subtype: str, image_ids: list[int], kinds: list[tuple], with_answers: bool = True):
@@ -86,7 +70,7 @@ def _write_raw(root: Path) -> dict:
             (vqa / f"v2_mscoco_{name}_annotations.json").write_text(json.dumps(annotations))
     rng = np.random.default_rng(0)
     for name, ids in [("train2014", train_imgs), ("val2014", val_imgs), ("test2015", test_imgs)]:
-        (feats / f"{name}_obj36.tsv").write_text("".join(_tsv_line(f"COCO_{name}_{i:012d}", rng) for i in ids))
+        (feats / f"{name}_obj36.tsv").write_text("".join(random_obj36_line(f"COCO_{name}_{i:012d}", rng, BOXES, FEAT_DIM) for i in ids))
     return splits
 
 

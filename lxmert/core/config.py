@@ -81,7 +81,7 @@ NAME_RULE = "letters, digits, '_', '-', '.' not starting with '.' (not a path)"
 TEST_SPLIT = re.compile(r"test|^ood_")
 MAX_SEED = 2**31 - 1
 PRUNING_MODES = ("low_magnitude", "random", "high_magnitude", "original_high")
-STRUCTURES = ("weights", "heads", "neurons", "n_m")  # lottery.granularity (prune/structure.py GRANULARITIES)
+STRUCTURES = ("weights", "heads", "neurons", "n_m")  # lottery.granularity (prune/structure.py)
 
 
 def level_name(level: float) -> str:
@@ -581,19 +581,24 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def read_config_file(path: str | Path) -> Any:
+    """The YAML tree of an experiment file as written (not validated); unreadable files are one error line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML config?") from None
+    return _safe_yaml(text, str(path)) or {}
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML experiment file, apply `key=value` overrides, validate everything."""
     values: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML config?") from None
-        values = _safe_yaml(text, str(path)) or {}
+        values = read_config_file(path)
     if overrides:
         values = _merge(values, parse_overrides(overrides))
         source += " + overrides"

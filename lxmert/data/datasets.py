@@ -101,6 +101,10 @@ def _validate_label(label, where: str) -> None:
 
 def load_split(path: Path, tokenizer, vocab: AnswerVocab, store: FeatureStore, max_len: int,
                special_tokens: bool = True) -> Split:
+    if not path.exists():
+        raise InputError(f"question file not found: {path} (a split is a <name>.json of data.root, written by "
+                         "python -m lxmert prepare vqa, or prepare carve for a held-out part such as "
+                         "nominival_heldout: data/README.md, Commands)")
     questions = read_json(path, "question file")
     _validate(questions, path)
     for i, q in enumerate(questions):

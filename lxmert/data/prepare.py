@@ -30,7 +30,7 @@ import numpy as np
 from ..core.cli import Parser, check_output
 from ..core.config import EXPERIMENT_NAME
 from ..core.errors import InputError, exit_code
-from ..core.files import atomic_folder, read_json, refuse_existing, remove_temporaries, write_json
+from ..core.files import atomic_folder, read_json, refuse_existing, remove_file, remove_temporaries, write_json
 from .answers import AnswerVocab, normalize_answer, soft_label, strip_answer
 from .features import StoreWriter, coco_id_name, refresh_fingerprint
 from .tokenizer import write_vocab_tokenizer
@@ -343,12 +343,15 @@ def carve_file(path: str | Path, fraction: float, seed: int, names: Sequence[str
         raise InputError(f"--names {' '.join(names)}: give two different split names (letters, digits, _ - .)")
     targets = [out / f"{n}.json" for n in names]
     for target in targets:
-        if target.exists() and not overwrite:
-            raise InputError(f"{target} exists; remove it or pass --overwrite")
+        refuse_existing(target, overwrite)
     held = held_images({q["img_id"] for q in questions}, fraction, seed, str(path), "--fraction")
     kept = [q for q in questions if q["img_id"] not in held]
-    write_json(targets[0], kept, indent=None)
     write_json(targets[1], [q for q in questions if q["img_id"] in held], indent=None)
+    try:
+        write_json(targets[0], kept, indent=None)
+    except BaseException:  # both files or neither: a rerun is not refused for a half-written pair
+        remove_file(targets[1])
+        raise
     log(f"{path}: {len(kept)} questions -> {targets[0]}, {len(questions) - len(kept)} on {len(held)} held-out "
         f"images -> {targets[1]} (seed {seed})")
     return targets[0], targets[1]
@@ -515,6 +518,37 @@ OBJ36 = Layout("LXMERT *_obj36.tsv", TSV_FIELDS, "img_id", "img_h", "img_w")
 TRAINVAL36 = Layout("bottom-up-attention trainval_36", ("image_id", "image_w", "image_h", "num_boxes", "boxes",
                                                         "features"), "image_id", "image_h", "image_w")
 LAYOUTS = {len(layout.fields): layout for layout in (OBJ36, TRAINVAL36)}
+
+
+def _b64(array: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+
+
+def obj36_line(img_id: str, h: float, w: float, boxes: np.ndarray, features: np.ndarray,
+               objects_id: Optional[np.ndarray] = None, objects_conf: Optional[np.ndarray] = None,
+               attrs_id: Optional[np.ndarray] = None, attrs_conf: Optional[np.ndarray] = None) -> str:
+    """One line of LXMERT's *_obj36.tsv, what `prepare features` reads (TSV_FIELDS, airsplay/lxmert
+    src/utils.py FIELDNAMES): ten tab-separated fields, arrays as base64 of little-endian int64 ids and float32
+    values. Ids and confidences not given are written as zeros (prepare reads boxes and features only)."""
+    n = len(boxes)
+    zeros = np.zeros(n)
+    fill = lambda a: zeros if a is None else a  # noqa: E731
+    fields = [img_id, str(h), str(w), _b64(fill(objects_id), "i8"), _b64(fill(objects_conf), "f4"),
+              _b64(fill(attrs_id), "i8"), _b64(fill(attrs_conf), "f4"), str(n), _b64(boxes, "f4"), _b64(features, "f4")]
+    return "\t".join(fields) + "\n"
+
+
+def random_obj36_line(img_id: str, rng: np.random.Generator, boxes: int = 36, feat_dim: int = 2048,
+                      h: float = 480.0, w: float = 640.0) -> str:
+    """A random detector output for one image in LXMERT's format (obj36_line): boxes inside the image,
+    non-negative features, ids and confidences in the ranges of the released files; for fixtures and rehearsals."""
+    x1, y1 = rng.uniform(0, w / 2, boxes), rng.uniform(0, h / 2, boxes)
+    xyxy = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, boxes), y1 + rng.uniform(1, h / 2, boxes)], 1)
+    feats = np.abs(rng.standard_normal((boxes, feat_dim)))
+    return obj36_line(img_id, h, w, xyxy, feats, rng.integers(0, 1600, boxes), rng.uniform(0.2, 1, boxes),
+                      rng.integers(0, 400, boxes), rng.uniform(0.1, 1, boxes))
+
+
 # Boxes may reach this share of the image size beyond its edges (detector boxes are clipped to the image).
 BOX_TOLERANCE = 0.01
 FLOAT16_MAX = float(np.finfo(np.float16).max)
