@@ -166,7 +166,7 @@ def remove_file(path: str | Path) -> None:
     path = Path(path)
     if path.exists():
         fault_point("remove", path)
-        path.unlink()
+        path.unlink(missing_ok=True)  # another process may have removed it since
 
 
 def file_sha256(path: str | Path) -> str:

@@ -137,7 +137,7 @@ class LotteryChain:
             return [Unit(name=self.unit_name(level), folder=self.level_folder(level),
                          work=lambda i=i, level=level: self.level(i, level),
                          finished=lambda level=level: self.finished(level), settings=self.settings(), needs=dense,
-                         check=self.check, release=self.release,
+                         check=self.check, release=lambda level=level: self.release(level),
                          cleanup=(self.ctx.paths.predictions(self.unit_name(level)),))
                     for i, level in enumerate(lc.levels)]
         return [Unit(name=self.name, folder=self.folder, work=self.levels,
@@ -150,11 +150,16 @@ class LotteryChain:
             self.level(index, level)
             self.release()
 
-    def release(self) -> None:
+    def release(self, level: Optional[float] = None) -> None:
         """checkpoints.keep minimal: a finished level keeps its mask, result and predictions; of its weights
         only the final ones of an iterative chain's last finished level stay (the next level, or a level
-        added to the grid later, is pruned from them)."""
+        added to the grid later, is pruned from them). A one-shot level is a unit of its own (`level`): it
+        drops its own weights only, under its own lock."""
         if self.ctx.cfg.checkpoints.keep == "all":
+            return
+        if level is not None:
+            if self.finished(level):
+                drop_weights(paths.Run(self.level_folder(level) / paths.RUN), "best", "final")
             return
         lc = self.ctx.cfg.lottery
         done = [level for level in lc.levels if self.finished(level)]
