@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from ..core.config import STUDY_B_PRUNABLE
 from ..core.errors import InputError
 from .masks import measure_mask
-from .prunable import prunable_tensors
+from .prunable import modality_of, prunable_tensors
 
 MASKED_MODALITIES = ("language", "vision", "cross", "pooler")
 THRESHOLD = 0.01
@@ -237,8 +237,7 @@ def _reset_scores(scores: torch.Tensor, keep: int, threshold: float) -> None:
 def sparsity_report(masks: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
     """Measured sparsity of the masks (percent of False): overall, per modality and per tensor.
 
-    Same format as every other mask report of the project (masks.measure_mask); modalities come from
-    modeling.prunable_tensors, and a name outside the prunable set is reported as 'other'.
+    Same format as every other mask report of the project (masks.measure_mask); modalities come from the names
+    (prunable.modality_of), 'other' for a name outside every modality.
     """
-    modality_of = {t.name: t.modality for t in prunable_tensors(model, ["encoder.*", "head.*"], refuse_normed=False)}
-    return measure_mask(dict(masks), {name: modality_of.get(name, "other") for name in masks})
+    return measure_mask(dict(masks), {name: modality_of(model.family, name) or "other" for name in masks})

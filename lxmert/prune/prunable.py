@@ -25,7 +25,7 @@ class PrunableTensor:
     padding_row: Optional[int] = None  # an embedding's padding row: zero by construction, never trained
 
 
-def _modality(family: str, name: str) -> Optional[str]:
+def modality_of(family: str, name: str) -> Optional[str]:
     """Modality of a prunable weight by its parameter name (None: none of the model's modalities)."""
     if name.startswith("head."):
         return "head"
@@ -51,14 +51,13 @@ def _modality(family: str, name: str) -> Optional[str]:
 
 
 def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT,
-                     all_parameters: bool = False, refuse_normed: bool = True) -> list[PrunableTensor]:
+                     all_parameters: bool = False) -> list[PrunableTensor]:
     """The prunable set: the weight matrices of Linear and Embedding modules whose parameter name matches
     one of the glob patterns (fnmatch), in model order; biases and LayerNorm weights are candidates only with
     `all_parameters` (the original study's state-dict rule prunes them too: lottery.prune_all_parameters).
     Each tensor's modality (language / vision / cross / pooler / head) comes from its name; a pattern
     that matches nothing is an error (a typo must not silently shrink the set), and so is a weight-normed weight
-    (model.head=simple), which a mask cannot hold (`refuse_normed` false: report such names, as a sparsity
-    report of the whole model does)."""
+    (model.head=simple), which a mask cannot hold."""
     modules = {f"{name}.weight": module for name, module in model.named_modules()
                if isinstance(module, (nn.Linear, nn.Embedding))}
     if all_parameters:
@@ -73,11 +72,11 @@ def prunable_tensors(model: VQAModel, patterns: Sequence[str] = PRUNABLE_DEFAULT
     # a weight-normed weight (or, with all_parameters, one of its direction / gain tensors)
     normed = [c for c in chosen if (c.endswith(".weight") and _weight_normed(modules[c]))
               or (".parametrizations.weight.original" in c and any(isinstance(p, _WeightNorm) for p in modules[c]))]
-    if normed and refuse_normed:
+    if normed:
         raise InputError(f"prunable pattern(s) {list(patterns)} match the weight-normed {', '.join(normed)} "
                          f"(model.head=simple): its weight is computed from a direction and a gain, so a mask "
                          f"on it is not kept by training; leave head.* out of the prunable set")
-    return [PrunableTensor(c, _modality(model.family, c) or "other",
+    return [PrunableTensor(c, modality_of(model.family, c) or "other",
                            getattr(modules[c], "padding_idx", None) if c.endswith(".weight") else None)
             for c in chosen]
 
