@@ -87,6 +87,7 @@ from lxmert.prune.masks import apply_mask, full_mask, load_mask, load_mask_for  
 from lxmert.prune.prunable import prunable_tensors  # noqa: E402
 from lxmert.studies.figures import mean_std, plt, save_figure  # noqa: E402
 from lxmert.studies.lottery_report import MODES_ORDER, stem  # noqa: E402
+from lxmert.studies.saved import unit_settings_file  # noqa: E402
 
 BEGIN, END = "<!-- bench.inference: begin -->", "<!-- bench.inference: end -->"
 LEVELS, QUICK_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9), (0.5, 0.9)
@@ -386,16 +387,6 @@ class Point:
     latency: float | None = field(default=None)
 
 
-def settings_of(level_folder: Path, top: Path) -> dict:
-    """The settings.json of the unit a level folder belongs to (itself with one-shot, its chain when iterative)."""
-    for folder in [level_folder, *level_folder.parents]:
-        if (folder / paths.SETTINGS).exists():
-            return read_json(folder / paths.SETTINGS, "unit settings")
-        if folder == top:
-            break
-    raise FileNotFoundError(f"no {paths.SETTINGS} in {level_folder} or above it")
-
-
 def embedded_model(settings: dict, mask: dict[str, torch.Tensor]) -> nn.Module:
     """An untrained model of the study's size (settings.json), with the region-feature size of its mask."""
     from transformers import LxmertConfig
@@ -418,7 +409,7 @@ def kept_fractions(folders: list[Path], top: Path, kind: str) -> dict[str, float
     kept: dict[str, list[float]] = defaultdict(list)
     for folder in folders:
         mask, _ = load_mask(folder / paths.MASK)
-        model = embedded_model(settings_of(folder, top), mask)
+        model = embedded_model(read_json(unit_settings_file(folder, top), "unit settings"), mask)
         names = list(mask)
         mask = load_mask_for(folder / paths.MASK, model, names)  # refuses shapes that do not fit the model
         for g in st.structure_groups(model, kind, prunable_tensors(model, names)):

@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from ..core import distributed as dist
 from ..core import paths
@@ -48,7 +48,7 @@ from ..prune.learned import LearnedMasks, check_target
 from ..prune.magnitude import check_level, prune
 from ..prune.masks import full_mask, load_mask, load_mask_for, measure_weights, save_mask
 from ..prune.prunable import prunable_tensors
-from ..train.checkpoints import check_compatible, drop_weights, load_weights, run_summary
+from ..train.checkpoints import drop_weights, load_weights, run_summary
 from ..train.trainer import RunSpec, Schedule
 from .context import Context, tables_lock
 from .debias_report import Target, pct, write_debias
@@ -267,8 +267,8 @@ class SeedStudy:
         model = self.ctx.new_model(self.seed)
         summary = run_summary(Run(folder / paths.RUN))
         start = self.stage1_run(what.stage1_loss).weights(self.cfg.debias.stage_start)
-        row = self._row(model, what, stage2_weights(start, folder, "final"), stage2_weights(start, folder, "best"),
-                        summary, f"{name}/stage2",
+        row = self._row(model, what, lambda: stage2_weights(start, folder, "final"),
+                        lambda: stage2_weights(start, folder, "best"), summary, f"{name}/stage2",
                         started, epochs=before + self.cfg.debias.stage2_epochs)
         self._finish(folder / paths.RESULT, row)
 
@@ -314,7 +314,7 @@ class SeedStudy:
         dc, started = self.cfg.debias, time.time()
         model = self.ctx.new_model(self.seed)
         pruned, start = folder.parent / "stage2", dc.stage_start
-        load_state(model, stage2_weights(self.stage1_run(what.stage1_loss).weights(start), pruned, start), pruned)
+        load_weights(model, stage2_weights(self.stage1_run(what.stage1_loss).weights(start), pruned, start), pruned)
         mask = load_mask_for(pruned / (paths.MASK if start == "final" else paths.BEST_MASK), model,
                              [t.name for t in prunable_tensors(model, dc.prunable)])
         run = Run(folder / paths.RUN)
@@ -375,10 +375,11 @@ class SeedStudy:
                                dist.world())
         return max(len(sampler.global_batches()) // schedule.grad_accum, 1)
 
-    def _row(self, model: VQAModel, what: Setting, final: Path | dict, best: Path | dict, summary: dict, unit: str,
+    def _row(self, model: VQAModel, what: Setting, final: Weights, best: Weights, summary: dict, unit: str,
              started: float, epochs: int) -> DebiasRow:
-        """A result row from the saved final and best-on-valid weights (plain weights, masks baked in; a file or
-        a state): accuracy of both on every labelled split, predictions of the best, sparsity of the final."""
+        """A result row from the saved final and best-on-valid weights (plain weights, masks baked in; a file, or
+        a function that rebuilds the state, called when it is loaded: one state in memory at a time): accuracy
+        of both on every labelled split, predictions of the best, sparsity of the final."""
         _load(model, final)
         final_acc = self.ctx.evaluate(model)
         report = measure_weights(model, prunable_tensors(model, self.cfg.debias.prunable))
@@ -421,16 +422,12 @@ def stage2_weights(stage1_final: Path, folder: Path, which: str) -> dict:
     return state
 
 
-def load_state(model: VQAModel, state: dict, source: Path) -> None:
-    check_compatible(model.state_dict(), state, source)
-    model.load_state_dict(state)
+# A row's weights: a safetensors file, or a function that rebuilds the state (stage 2, stage2_weights).
+Weights = Union[Path, Callable[[], dict]]
 
 
-def _load(model: VQAModel, weights: Path | dict) -> None:
-    if isinstance(weights, dict):
-        load_state(model, weights, Path("stage 2 weights"))
-    else:
-        load_weights(model, weights)
+def _load(model: VQAModel, weights: Weights) -> None:
+    load_weights(model, weights if isinstance(weights, Path) else weights(), Path("stage 2 weights"))
 
 
 def _baked(model: VQAModel, masks: LearnedMasks) -> dict:

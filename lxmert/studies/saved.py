@@ -33,7 +33,7 @@ from ..prune.structure import compact_structure, shrink
 from ..train.checkpoints import load_weights
 from ..train.evaluation import accuracy, predict, predictions_json
 from .context import Context, init_settings
-from .debias import load_state, stage2_weights
+from .debias import stage2_weights
 
 log = logging.getLogger("lxmert")
 
@@ -50,7 +50,7 @@ class Saved:
     study_b: bool  # study B's masked set (debias.prunable) rather than study A's (lottery.prunable)
 
 
-def _settings_of(folder: Path, top: Path) -> Path:
+def unit_settings_file(folder: Path, top: Path) -> Path:
     """The settings.json of the unit a folder belongs to (a level of an iterative chain, a study-B stage)."""
     for candidate in [folder, *folder.parents]:
         if (candidate / paths.SETTINGS).exists():
@@ -73,7 +73,7 @@ def saved_unit(ctx: Context, name: str, which: str) -> Saved:
         raise InputError(f"--unit {name}: no finished unit {folder} in experiment '{ctx.cfg.experiment}' (finished: "
                          f"{', '.join(units[:6]) or 'none'}{', ...' if len(units) > 6 else ''})")
     weights: Path | dict
-    settings = _settings_of(folder, ctx.paths.models)
+    settings = unit_settings_file(folder, ctx.paths.models)
     # study B's start points as the unit recorded them (stages 2 and 3 start from the previous stage's final or
     # best-on-valid weights and mask: debias.stage_start)
     start = read_json(settings, "unit settings").get("debias.stage_start", "final")
@@ -112,10 +112,7 @@ def _check_made_like(ctx: Context, name: str, settings: Path) -> None:
 
 def _model(ctx: Context, saved: Saved) -> VQAModel:
     model = ctx.new_model(int(saved.name.split("/")[0].removeprefix("seed_")))
-    if isinstance(saved.weights, dict):
-        load_state(model, saved.weights, Path(saved.name))
-    else:
-        load_weights(model, saved.weights)
+    load_weights(model, saved.weights, Path(saved.name))
     return model
 
 
@@ -244,6 +241,14 @@ def export_unit(cfg: Config, unit: str, out: str, overwrite: bool = False, which
         write_json(tmp / EXPORT_RECORD, card)
         write_text(tmp / "README.md", _card_text(card))
     log.info("exported %s (%s weights, sparsity %.2f %%) to %s", unit, which, report["overall"], folder)
+    if structure is not None:
+        counts = ", ".join(f"{v['kept']} of {v['of']} {k} kept" for k, v in structure.items()
+                           if k in ("heads", "neurons"))
+        size = structure["parameters"]
+        log.info("compact: %s; %d -> %d parameters", counts, size["before"], size["after"])
+        if size["after"] == size["before"]:
+            log.warning("compact: no head or neuron of %s is wholly pruned (a unit of single weights: "
+                        "lottery.granularity weights), so the compact model is as large as the masked one", unit)
     return folder
 
 

@@ -124,7 +124,10 @@ def check_masked(expected: list[str], found: Optional[list[str]], source: Path) 
                      f"{'...' if len(extra) > 5 else ''}")
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    weights = load_tensors(path)
-    check_compatible(model.state_dict(), weights, path)
-    model.load_state_dict(weights)
+def load_weights(model: nn.Module, weights: Path | dict, source: Optional[Path] = None) -> None:
+    """Load a safetensors file, or a state dict already in memory (named by `source` in errors), after checking
+    that it fits the model."""
+    state = load_tensors(weights) if isinstance(weights, (str, Path)) else weights
+    where = Path(weights) if isinstance(weights, (str, Path)) else (source or Path("weights"))
+    check_compatible(model.state_dict(), state, where)
+    model.load_state_dict(state)
