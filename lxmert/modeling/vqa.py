@@ -126,7 +126,7 @@ def check_inputs(cfg: ModelConfig, largest_token: int, feat_dim: int, max_seq_le
 def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
     """transformers' LxmertModel or VisualBertModel: pretrained weights when configured (with the
     config's dropout), else randomly initialised at the configured size."""
-    from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBertModel
+    from transformers import LxmertModel, VisualBertModel
 
     name, cls = ("LXMERT", LxmertModel) if cfg.family == "lxmert" else ("VisualBERT", VisualBertModel)
     dropout = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
@@ -134,17 +134,24 @@ def _encoder(cfg: ModelConfig, vocab_size: int, feat_dim: int) -> nn.Module:
         encoder = _from_pretrained(cls, cfg.pretrained, **dropout)
         log.info("loaded pretrained %s encoder from %s", name, cfg.pretrained)
         return encoder
-    sizes = {"vocab_size": vocab_size, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
-             "intermediate_size": cfg.intermediate_size, **dropout}
-    if cfg.family == "lxmert":
-        config = LxmertConfig(l_layers=cfg.l_layers, x_layers=cfg.x_layers, r_layers=cfg.r_layers,
-                              visual_feat_dim=feat_dim, visual_pos_dim=4, **sizes)
-    else:
-        config = VisualBertConfig(num_hidden_layers=cfg.num_hidden_layers, visual_embedding_dim=feat_dim, **sizes)
     if name not in _SAID_RANDOM:  # once per process: a study builds many models
         _SAID_RANDOM.add(name)
         log.info("no pretrained weights configured (model.pretrained is null): %s encoder randomly initialised", name)
-    return cls(config)
+    return cls(encoder_config(cfg, vocab_size, feat_dim))
+
+
+def encoder_config(cfg: ModelConfig, vocab_size: int, feat_dim: int):
+    """The transformers config of the encoder the model keys describe (model.pretrained null: its size and
+    dropout; pretrained weights bring their own, pretrained_config)."""
+    from transformers import LxmertConfig, VisualBertConfig
+
+    sizes = {"vocab_size": vocab_size, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+             "intermediate_size": cfg.intermediate_size, "hidden_dropout_prob": cfg.dropout,
+             "attention_probs_dropout_prob": cfg.dropout}
+    if cfg.family == "lxmert":
+        return LxmertConfig(l_layers=cfg.l_layers, x_layers=cfg.x_layers, r_layers=cfg.r_layers,
+                            visual_feat_dim=feat_dim, visual_pos_dim=4, **sizes)
+    return VisualBertConfig(num_hidden_layers=cfg.num_hidden_layers, visual_embedding_dim=feat_dim, **sizes)
 
 
 def model_from_config(family: str, encoder_config: dict, num_answers: int, head: str) -> VQAModel:

@@ -27,12 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import STRUCTURES
 from ..core.errors import InputError
 from .masks import parameter
 from .prunable import PrunableTensor
 
-GRANULARITIES = STRUCTURES
 # the feed-forward blocks: (intermediate module, output module) by the last part of their names
 FFN_PAIRS = (("intermediate", "output"), ("lang_inter", "lang_output"), ("visn_inter", "visn_output"))
 

@@ -153,7 +153,8 @@ class Context:
             batch = to_device(self.data.train.batch([0, min(1, len(self.data.train) - 1)]), dist.device())
             logits, _ = model(batch)
             torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"]).backward()
-            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            bad = [n for n, p in model.named_parameters()
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
         bad = dist.broadcast(bad)  # one verdict for every process (rank 0's)
         if bad:
             raise InputError(
@@ -179,7 +180,8 @@ class Context:
 
     def importance_batches(self, model: VQAModel, seed: int, count: int, loss: str
                            ) -> tuple[list[dict], Callable[[dict], torch.Tensor]]:
-        """`count` training batches of train.batch_size questions, a sample seeded by (seed, 'importance'), and
+        """`count` training batches of train.batch_size questions, a sample seeded by [seed, 7] (one fixed draw
+        per seed), and
         the study's loss of the model on a batch (what gradient importance averages)."""
         train, size = self.data.train, self.cfg.train.batch_size
         order = np.random.default_rng([seed, 7]).permutation(len(train))[:count * size]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.config import Config
+from ..core.config import PRUNING_MODES, Config
 from ..core.errors import InputError
 from ..core.files import read_object, write_json, write_text
 from ..core.paths import Experiment, structure_tag
@@ -17,7 +17,7 @@ from .figures import (ANSWER_TYPES, machine, mean_std, mean_std_cell, plot_finet
                       write_table)
 from .rows import LEVEL_KEYS
 
-MODES_ORDER = ["low_magnitude", "random", "high_magnitude", "original_high"]
+MODES_ORDER = list(PRUNING_MODES)  # the order of every table, plot and legend
 
 
 def lottery_result(cfg: Config, finetune: dict, rows: list[dict]) -> dict:

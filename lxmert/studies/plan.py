@@ -11,7 +11,6 @@ bench/rehearsal.py measures it at base size on the CPU (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,10 @@ from typing import Optional
 import torch
 
 from ..core.config import Config
+from ..core.files import read_json
 from ..core.paths import chain, dense, level, question_only
 from ..embedded.generator import STUDY_SPLITS
-from ..modeling.vqa import VQAModel, answer_head, pretrained_config
+from ..modeling.vqa import VQAModel, encoder_config, pretrained_config
 from ..prune.prunable import prunable_tensors
 from .debias import grid
 
@@ -49,7 +49,6 @@ class Sizes:
     params: int
     head: int
     prunable: int  # the study's prunable (or masked) set
-    embedding_rows: int = 0
 
     def weights(self) -> int:
         return 4 * self.params
@@ -94,23 +93,14 @@ class Plan:
 
 def _skeleton(cfg: Config, vocab: int, feat_dim: int, answers: int):
     """The model the config builds, on the meta device (its shapes, no memory, no weights read)."""
-    from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBertModel
+    from transformers import LxmertModel, VisualBertModel
 
     m = cfg.model
-    config = None
-    if m.pretrained and Path(m.pretrained).is_dir():
-        config = pretrained_config(m)
-    sizes = {"vocab_size": vocab, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
-             "intermediate_size": m.intermediate_size}
+    config = pretrained_config(m) if m.pretrained and Path(m.pretrained).is_dir() else None
     with torch.device("meta"):
-        if m.family == "lxmert":
-            encoder = LxmertModel(config or LxmertConfig(l_layers=m.l_layers, x_layers=m.x_layers,
-                                                         r_layers=m.r_layers, visual_feat_dim=feat_dim,
-                                                         visual_pos_dim=4, **sizes))
-        else:
-            encoder = VisualBertModel(config or VisualBertConfig(num_hidden_layers=m.num_hidden_layers,
-                                                                 visual_embedding_dim=feat_dim, **sizes))
-        return VQAModel(encoder, m.family, answers)
+        encoder = (LxmertModel if m.family == "lxmert" else VisualBertModel)(
+            config or encoder_config(m, vocab, feat_dim))
+        return VQAModel(encoder, m.family, answers, m.head)
 
 
 def _counts(cfg: Config) -> tuple[dict[str, int], str]:
@@ -121,7 +111,8 @@ def _counts(cfg: Config) -> tuple[dict[str, int], str]:
         return {n: getattr(d.embedded, STUDY_SPLITS[n][0]) for n in names}, "the embedded config"
     root = Path(d.root)
     if all((root / f"{n}.json").exists() for n in names):
-        return {n: len(json.loads((root / f"{n}.json").read_text())) for n in names}, f"the prepared files in {root}"
+        return ({n: len(read_json(root / f"{n}.json", "question file")) for n in names},
+                f"the prepared files in {root}")
     out = {}
     for n in names:
         out[n] = PUBLISHED["test_iid"] if n.startswith("ood_") else PUBLISHED.get(n, 0)
@@ -137,14 +128,14 @@ def _sizes(cfg: Config, patterns: list[str], all_parameters: bool) -> tuple[Size
     else:
         vocab, feat = 30_522, 2_048
         vocab_file = Path(d.root) / d.ans2label
-        answers = len(json.loads(vocab_file.read_text())) if vocab_file.exists() else \
+        answers = len(read_json(vocab_file, "answer vocabulary")) if vocab_file.exists() else \
             ANSWERS.get(cfg.experiment.removesuffix("_original").removesuffix("_visualbert"), 3_129)
         if not vocab_file.exists():
             notes.append(f"{answers:,} answers assumed ({vocab_file} is not there)")
     model = _skeleton(cfg, vocab, feat, answers)
     prunable = prunable_tensors(model, patterns, all_parameters)
     count = sum(model.get_parameter(t.name).numel() for t in prunable)
-    head = sum(p.numel() for p in answer_head(cfg.model.hidden_size, answers).parameters())
+    head = sum(p.numel() for p in model.head.parameters())
     return Sizes(sum(p.numel() for p in model.parameters()), head, count), notes
 
 
